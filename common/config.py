@@ -1,0 +1,179 @@
+"""Run configuration: one YAML file read by the launcher and the coordinator.
+
+Parsing is strict: an unknown key, a missing section or a value of the wrong type stops the
+program with one line that names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    seed: int = 0
+    rounds: int = 3
+    out_dir: str = "runs"
+
+
+@dataclass
+class CoordinatorSection:
+    host: str = "127.0.0.1"
+    port: int = 0
+    min_silos: int = 1
+    round_deadline_s: float = 300.0
+    join_timeout_s: float = 120.0
+    heartbeat_interval_s: float = 2.0
+    # Keep every decoded upload on disk (rounds/NNNN/SILO.safetensors), for audits and tests.
+    save_uploads: bool = False
+    max_upload_mb: float = 2048.0
+
+
+@dataclass
+class DataSection:
+    # "embedded": the bundled digits, generated under `root` on first use.
+    # "folders": `root/<silo-id>/` and `root/test/` prepared by the user.
+    kind: str = "embedded"
+    root: str = "data/embedded"
+    alpha: float | None = None  # Dirichlet label skew of the embedded data; None: natural
+    seed: int = 0  # the embedded data's split; fixed across run seeds on purpose
+
+
+@dataclass
+class ModelSection:
+    name: str = "cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # "pretrain": train on the embedded public split (cached); "random": seeded init.
+    init: str = "pretrain"
+    pretrain_epochs: int = 20
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    silos: list[str] = field(default_factory=list)
+    coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    trainer: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    source: str = ""  # file it was read from; not a key
+
+    @property
+    def model_spec(self) -> dict[str, Any]:
+        return {"name": self.model.name, **self.model.kwargs}
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"{key} must be {_TYPE_NAMES.get(tp, tp.__name__)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def _check(cfg: RunConfig) -> None:
+    from lssfl.common.models import build_model
+    from lssfl.silo.trainers import make_trainer
+
+    if cfg.run.rounds < 1:
+        raise ConfigError("run.rounds must be at least 1")
+    if not cfg.silos:
+        raise ConfigError("silos must list the enrolled silo ids")
+    if len(set(cfg.silos)) != len(cfg.silos):
+        raise ConfigError("silos lists a silo id twice")
+    if not 1 <= cfg.coordinator.min_silos <= len(cfg.silos):
+        raise ConfigError(f"coordinator.min_silos must be between 1 and {len(cfg.silos)}")
+    if cfg.data.kind not in ("embedded", "folders"):
+        raise ConfigError(f"data.kind must be 'embedded' or 'folders', got {cfg.data.kind!r}")
+    if cfg.model.init not in ("pretrain", "random"):
+        raise ConfigError(f"model.init must be 'pretrain' or 'random', got {cfg.model.init!r}")
+    if cfg.model.init == "pretrain" and cfg.data.kind != "embedded":
+        raise ConfigError("model.init 'pretrain' needs data.kind 'embedded'")
+    try:
+        build_model(cfg.model_spec)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    try:
+        trainer = make_trainer(cfg.trainer)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"trainer: {exc}") from None
+    # Trainers are dataclasses: check the hyper-parameters' types like any other key.
+    _build(type(trainer), {k: v for k, v in cfg.trainer.items() if k != "name"}, "trainer.")
+
+
+def parse_config(data: Any, source: str = "<dict>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        cfg = _build(RunConfig, data)
+        _check(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    cfg.source = source
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    return parse_config(data, str(path))
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d.pop("source")
+    return d

@@ -1,0 +1,5 @@
+import sys
+
+from lssfl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""The ``lssfl`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "run": "example:\n  lssfl run --config configs/demo.yaml",
+    "coordinator": (
+        "example:\n  lssfl coordinator --config configs/demo.yaml --run-dir runs/hospital-a"
+    ),
+    "silo": (
+        "example:\n  lssfl silo --coordinator 10.0.0.5:50051 --silo-id silo-1 "
+        "--data /data/silo-1"
+    ),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lssfl", description="Cross-silo federated learning with Local Superior Soups."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = add("run", "Run a coordinator and all silos as local processes, then report.")
+    run.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+    run.add_argument("--run-dir", type=Path, help="default: <run.out_dir>/<run.name>-<time>")
+
+    coord = add("coordinator", "Serve a federated run to the silos named in the config.")
+    coord.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+    coord.add_argument("--run-dir", type=Path, help="default: <run.out_dir>/<run.name>")
+    coord.add_argument("--port", type=int, help="override coordinator.port (0: any free port)")
+
+    silo = add("silo", "Join a coordinator and train on this silo's private data.")
+    silo.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    silo.add_argument("--silo-id", required=True, help="this silo's enrolled id")
+    silo.add_argument("--data", required=True, type=Path, help="folder with data.safetensors")
+    silo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    silo.add_argument(
+        "--max-wait", type=float, default=300.0, help="give up after the coordinator has "
+        "been unreachable this many seconds (default 300)",
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imports after parsing: `--help` answers without loading torch.
+    from lssfl.common.config import ConfigError, load_config
+    from lssfl.common.data import DataError
+    from lssfl.common.logs import setup_logging
+
+    try:
+        if args.command == "silo":
+            from lssfl.silo.daemon import CoordinatorUnreachable, SiloDaemon, SiloRefused
+
+            setup_logging(args.silo_id, args.verbose)
+            try:
+                daemon = SiloDaemon.from_folder(
+                    args.coordinator, args.silo_id, args.data, args.device, max_wait_s=args.max_wait
+                )
+                daemon.run()
+            except SiloRefused as exc:
+                return _fail(f"the coordinator refused silo {args.silo_id!r}: {exc}")
+            except CoordinatorUnreachable as exc:
+                return _fail(str(exc), code=1)
+            return 0
+
+        cfg = load_config(args.config)
+        if args.command == "coordinator":
+            from lssfl.server.app import run_coordinator
+
+            setup_logging("coordinator", args.verbose)
+            run_dir = args.run_dir or Path(cfg.run.out_dir) / cfg.run.name
+            return run_coordinator(cfg, run_dir, args.port)
+        from lssfl.launcher import launch
+
+        return launch(cfg, args.config, args.run_dir)
+    except (ConfigError, DataError, ValueError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"lssfl: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""``lssfl run``: coordinator and silos as separate OS processes on this machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from lssfl.common.config import RunConfig
+from lssfl.common.dataroot import prepare_data_root
+from lssfl.report import COLUMNS, format_line, read_metrics, row, write_report
+from lssfl.server.app import ADDRESS_FILE
+
+
+class _Proc:
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "lssfl", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+
+    def tail(self, lines: int = 5) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join("    " + line for line in text[-lines:])
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def _stop_all(procs: list[_Proc], grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.popen.poll() is None:
+            p.popen.send_signal(signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.popen.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait()
+        p.close()
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    base = Path(cfg.run.out_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
+
+
+def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> int:
+    run_dir = run_dir or new_run_dir(cfg)
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    data = prepare_data_root(cfg)  # once, before several processes would race to make it
+    env = dict(os.environ)
+    # Several silos share this machine's cores: one thread each avoids oversubscription.
+    silo_env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(cfg.silos)))}
+    print(f"run folder: {run_dir}", flush=True)
+
+    coord = _Proc(
+        "coordinator",
+        ["coordinator", "--config", str(config_path), "--run-dir", str(run_dir), "--port", "0"],
+        logs / "coordinator.log",
+        env,
+    )
+    procs = [coord]
+    reported: set[str] = set()
+    try:
+        address_file = run_dir / ADDRESS_FILE
+        print("coordinator: preparing the initial model ...", flush=True)
+        while not address_file.exists():
+            if coord.popen.poll() is not None:
+                print(f"coordinator exited early:\n{coord.tail()}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        address = address_file.read_text().strip()
+        print(f"coordinator: {address}; starting {len(cfg.silos)} silos", flush=True)
+        for silo in cfg.silos:
+            args = ["silo", "--coordinator", address, "--silo-id", silo]
+            args += ["--data", str(data.silo_dirs[silo])]
+            procs.append(_Proc(silo, args, logs / f"{silo}.log", silo_env))
+
+        print(format_line(COLUMNS), flush=True)
+        printed = 0
+        while True:
+            records = read_metrics(run_dir)
+            for rec in records[printed:]:
+                print(format_line(row(rec)), flush=True)
+            printed = len(records)
+            for p in procs[1:]:
+                code = p.popen.poll()
+                if code not in (None, 0) and p.name not in reported:
+                    reported.add(p.name)
+                    print(f"{p.name} exited with code {code}:\n{p.tail()}", file=sys.stderr)
+            if coord.popen.poll() is not None:
+                break
+            time.sleep(0.2)
+        for rec in read_metrics(run_dir)[printed:]:
+            print(format_line(row(rec)), flush=True)
+        code = coord.popen.returncode
+        if code != 0:
+            print(f"coordinator exited with code {code}:\n{coord.tail()}", file=sys.stderr)
+        end = time.monotonic() + 15
+        for p in procs[1:]:
+            try:
+                p.popen.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        report = write_report(run_dir)
+        print(f"report: {report}\nmetrics: {run_dir / 'metrics.jsonl'}\nlogs: {logs}/")
+        return code
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping coordinator and silos", file=sys.stderr)
+        return 130
+    finally:
+        _stop_all(procs)

@@ -1,0 +1,28 @@
+"""Sample-count weighted averaging of state dicts (FedAvg aggregation)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def weighted_average(
+    states: list[dict[str, torch.Tensor]], weights: list[float], like: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Average ``states`` with ``weights`` into tensors shaped and typed like ``like``.
+
+    Sums run in float64 in a fixed order, so the result does not depend on arrival order
+    beyond the order of ``states``. Integer buffers (BatchNorm's ``num_batches_tracked``) are
+    averaged the same way and rounded: a counter of steps taken stays a plausible count.
+    """
+    if not states or len(states) != len(weights):
+        raise ValueError("need one weight per state and at least one state")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must add up to a positive number")
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in like.items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for state, w in zip(states, weights, strict=True):
+            acc.add_(state[name].to(torch.float64), alpha=w / total)
+        out[name] = acc.to(ref.dtype) if ref.is_floating_point() else acc.round().to(ref.dtype)
+    return out

@@ -1,0 +1,445 @@
+"""Coordinator: the round state machine behind the gRPC service.
+
+One driver thread (``run``) opens rounds, waits for results or the deadline, aggregates,
+evaluates and records; the gRPC worker threads call ``join``, ``get_task``, ``download``,
+``upload`` and ``heartbeat``. All shared state sits behind one condition variable, and no
+slow work (decoding, aggregation) happens while holding it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from lssfl.common.config import RunConfig
+from lssfl.common.seeding import derive_seed
+from lssfl.common.wire import WireError, decode_model, encode_model, raw_fp32_bytes
+from lssfl.proto import coordinator_pb2 as cpb
+from lssfl.proto import tensor_pb2 as pb
+from lssfl.server.aggregate import weighted_average
+from lssfl.server.meter import DOWN, UP, Meter
+from lssfl.server.store import RoundStore
+
+log = logging.getLogger("lssfl.coordinator")
+
+Evaluate = Callable[[dict[str, torch.Tensor]], tuple[float, float]]
+
+
+class RpcError(Exception):
+    """A refusal the service turns into a gRPC status; the message says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SiloInfo:
+    silo_id: str
+    num_samples: int
+    device: str
+    last_seen: float
+    state: str = "idle"
+    told_done: bool = False
+
+
+@dataclass
+class SiloResult:
+    silo_id: str
+    num_samples: int
+    state: dict[str, torch.Tensor]
+    train_seconds: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class _Download:
+    messages: list[tuple[pb.ModelChunk, int, int]] = field(default_factory=list)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        store: RoundStore,
+        initial_state: dict[str, torch.Tensor],
+        evaluate: Evaluate,
+        run_id: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.evaluate = evaluate
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.meter = Meter()
+        self.global_state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
+        self._cond = threading.Condition()
+        self._silos: dict[str, SiloInfo] = {}
+        self._round = 0
+        self._phase = "waiting"  # waiting -> train -> aggregate -> ... -> done
+        self._selected: set[str] = set()
+        self._results: dict[str, SiloResult] = {}
+        self._late: dict[int, int] = {}
+        self._deadline = 0.0
+        self._download = _Download()
+        self._stopping = threading.Event()
+        self.algorithm = str(cfg.trainer.get("name", "fedavg"))
+
+    # ------------------------------------------------------------------ RPC side
+
+    def _touch(self, silo_id: str) -> SiloInfo:
+        info = self._silos.get(silo_id)
+        if info is None:
+            if silo_id not in self.cfg.silos:
+                log.warning("refused unknown silo %r", silo_id)
+                raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {silo_id!r}")
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"silo {silo_id!r} must join first")
+        info.last_seen = time.monotonic()
+        return info
+
+    def _check_run(self, run_id: str) -> None:
+        if run_id and run_id != self.run_id:
+            raise RpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run_id!r} is not the current run {self.run_id!r}: join again",
+            )
+
+    def join(self, req: cpb.JoinRequest) -> cpb.JoinReply:
+        if req.silo_id not in self.cfg.silos:
+            log.warning("refused join from unknown silo %r", req.silo_id)
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {req.silo_id!r}")
+        reply = cpb.JoinReply(
+            run_id=self.run_id, heartbeat_interval_s=self.cfg.coordinator.heartbeat_interval_s
+        )
+        with self._cond:
+            rejoin = req.silo_id in self._silos
+            self._silos[req.silo_id] = SiloInfo(
+                req.silo_id, req.num_samples, req.device, time.monotonic()
+            )
+            self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
+            self.meter.add(self._round, req.silo_id, DOWN, reply.ByteSize())
+            self._cond.notify_all()
+        log.info(
+            "round=%d silo=%s %s (%d samples, %s, lssfl %s)",
+            self._round, req.silo_id, "rejoined" if rejoin else "joined",
+            req.num_samples, req.device or "?", req.version or "?",
+        )  # fmt: skip
+        return reply
+
+    def _task_for(self, silo_id: str) -> cpb.Task | None:
+        if self._phase == "done":
+            self._silos[silo_id].told_done = True
+            return cpb.Task(kind=cpb.Task.DONE, run_id=self.run_id, round=self._round)
+        if self._phase == "train" and silo_id in self._selected and silo_id not in self._results:
+            return cpb.Task(
+                kind=cpb.Task.TRAIN,
+                run_id=self.run_id,
+                round=self._round,
+                seed=derive_seed(self.cfg.run.seed, self._round, silo_id),
+                model_json=_json(self.cfg.model_spec),
+                trainer_json=_json(self.cfg.trainer),
+                deadline_unix_s=time.time() + (self._deadline - time.monotonic()),
+            )
+        return None
+
+    def get_task(self, req: cpb.TaskRequest, wait_s: float = 5.0) -> cpb.Task:
+        end = time.monotonic() + wait_s
+        with self._cond:
+            self._touch(req.silo_id)
+            self._check_run(req.run_id)
+            task = self._task_for(req.silo_id)
+            while task is None and not self._stopping.is_set():
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+                task = self._task_for(req.silo_id)
+            task = task or cpb.Task(kind=cpb.Task.WAIT, run_id=self.run_id, round=self._round)
+            self.meter.add(task.round, req.silo_id, UP, req.ByteSize())
+            self.meter.add(task.round, req.silo_id, DOWN, task.ByteSize())
+        return task
+
+    def download(self, req: cpb.DownloadRequest) -> Iterator[pb.ModelChunk]:
+        with self._cond:
+            info = self._touch(req.silo_id)
+            self._check_run(req.run_id)
+            if self._phase != "train" or req.round != self._round:
+                raise RpcError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"round {req.round} is not open for download (current round {self._round})",
+                )
+            info.state = "downloading"
+            messages = self._download.messages
+            round_num = self._round
+            self.meter.add(round_num, req.silo_id, UP, req.ByteSize())
+
+        def stream() -> Iterator[pb.ModelChunk]:
+            for msg, size, raw in messages:
+                self.meter.add(round_num, req.silo_id, DOWN, size, raw)
+                yield msg
+
+        return stream()
+
+    def upload(self, chunks: Iterable[pb.ModelChunk]) -> cpb.UploadReply:
+        it = iter(chunks)
+        first = next(it, None)
+        if first is None or first.WhichOneof("part") != "upload":
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header")
+        head = first.upload
+        silo, round_num = head.silo_id, head.round
+        with self._cond:
+            self._touch(silo)
+            self._check_run(head.run_id)
+            self._admit(silo, round_num)
+            if silo in self._results:
+                return cpb.UploadReply(accepted=True, message="duplicate upload ignored")
+            self._silos[silo].state = "uploading"
+        self.meter.add(round_num, silo, UP, first.ByteSize())
+
+        def metered() -> Iterator[pb.ModelChunk]:
+            yield first
+            for msg in it:
+                raw = raw_fp32_bytes(msg.tensor) if msg.WhichOneof("part") == "tensor" else 0
+                self.meter.add(round_num, silo, UP, msg.ByteSize(), raw)
+                yield msg
+
+        try:
+            decoded = decode_model(
+                metered(),
+                header_kind="upload",
+                max_payload_bytes=int(self.cfg.coordinator.max_upload_mb * 2**20),
+            )
+        except WireError as exc:
+            log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, exc)
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"bad upload stream: {exc}") from None
+        self._validate(decoded.state, silo, round_num)
+        if head.num_samples <= 0:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "num_samples must be positive")
+        result = SiloResult(
+            silo, int(head.num_samples), decoded.state, head.train_seconds, dict(head.metrics)
+        )
+        with self._cond:
+            self._admit(silo, round_num)  # the deadline may have passed while decoding
+            self._results.setdefault(silo, result)
+            self._silos[silo].state = "idle"
+            self._cond.notify_all()
+        if self.cfg.coordinator.save_uploads:
+            self.store.save_upload(round_num, silo, decoded.state)
+        log.info(
+            "round=%d silo=%s upload accepted (%.2f MB, %d samples)",
+            round_num, silo, decoded.payload_bytes / 1e6, head.num_samples,
+        )  # fmt: skip
+        return cpb.UploadReply(accepted=True, message="ok")
+
+    def _admit(self, silo: str, round_num: int) -> None:
+        """Refuse results for rounds that are not open; counted as late."""
+        if round_num == self._round and self._phase == "train":
+            if silo not in self._selected:
+                raise RpcError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"silo {silo!r} was not selected for round {round_num}",
+                )
+            return
+        self._late[round_num] = self._late.get(round_num, 0) + 1
+        log.warning("round=%d silo=%s late result refused", round_num, silo)
+        raise RpcError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"round {round_num} is closed (current round {self._round}, {self._phase})",
+        )
+
+    def _validate(self, state: dict[str, torch.Tensor], silo: str, round_num: int) -> None:
+        problem = check_state(state, self.global_state)
+        if problem:
+            log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, problem)
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    def heartbeat(self, req: cpb.HeartbeatRequest) -> cpb.HeartbeatReply:
+        with self._cond:
+            info = self._touch(req.silo_id)
+            self._check_run(req.run_id)
+            info.state = req.state or info.state
+            reply = cpb.HeartbeatReply(current_round=self._round)
+            self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
+            self.meter.add(self._round, req.silo_id, DOWN, reply.ByteSize())
+        return reply
+
+    # ------------------------------------------------------------------ driver
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _alive(self, now: float) -> list[str]:
+        timeout = 3 * self.cfg.coordinator.heartbeat_interval_s + 2.0
+        return sorted(s for s, i in self._silos.items() if now - i.last_seen <= timeout)
+
+    def wait_for_silos(self) -> None:
+        cc = self.cfg.coordinator
+        end = time.monotonic() + cc.join_timeout_s
+        with self._cond:
+            while len(self._silos) < len(self.cfg.silos) and not self._stopping.is_set():
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+            joined = len(self._silos)
+        if joined < cc.min_silos:
+            raise RuntimeError(
+                f"only {joined} of {len(self.cfg.silos)} silos joined within "
+                f"{cc.join_timeout_s:g} s (min_silos={cc.min_silos})"
+            )
+        missing = sorted(set(self.cfg.silos) - set(self._silos))
+        if missing:
+            log.warning("starting without %s (join timeout passed)", ", ".join(missing))
+
+    def run(self) -> None:
+        """Wait for silos, then run every round; returns when the run is over."""
+        t0 = time.monotonic()
+        self.wait_for_silos()
+        acc, loss = self.evaluate(self.global_state)
+        self.store.save_checkpoint(0, self.global_state)
+        self._record(0, "initial", acc, loss, time.monotonic() - t0, [], [])
+        for round_num in range(1, self.cfg.run.rounds + 1):
+            if self._stopping.is_set():
+                raise KeyboardInterrupt
+            self.run_round(round_num)
+        self.store.save_final(self.global_state, self.cfg.model_spec)
+        self._finish()
+
+    def run_round(self, round_num: int) -> None:
+        t0 = time.monotonic()
+        header = pb.ModelChunk(download=pb.DownloadHeader(run_id=self.run_id, round=round_num))
+        messages = []
+        for msg in encode_model(self.global_state, header):
+            raw = raw_fp32_bytes(msg.tensor) if msg.WhichOneof("part") == "tensor" else 0
+            messages.append((msg, msg.ByteSize(), raw))
+        with self._cond:
+            self._round, self._phase = round_num, "train"
+            self._download = _Download(messages)
+            self._selected = set(self._alive(time.monotonic()))
+            self._results = {}
+            self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
+            selected = sorted(self._selected)
+            self._cond.notify_all()
+            log.info("round=%d opened for %s", round_num, ", ".join(selected))
+            while not self._stopping.is_set() and not self._selected <= set(self._results):
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+            self._phase = "aggregate"
+            results = [self._results[s] for s in sorted(self._results)]
+        if self._stopping.is_set():
+            raise KeyboardInterrupt
+        missing = sorted(set(selected) - {r.silo_id for r in results})
+        if missing:
+            log.warning("round=%d closed without %s", round_num, ", ".join(missing))
+        if len(results) >= self.cfg.coordinator.min_silos:
+            self.global_state = weighted_average(
+                [r.state for r in results], [r.num_samples for r in results], self.global_state
+            )
+            status = "ok"
+        else:
+            log.error(
+                "round=%d only %d results (min_silos=%d): global model unchanged",
+                round_num, len(results), self.cfg.coordinator.min_silos,
+            )  # fmt: skip
+            status = "insufficient"
+        acc, loss = self.evaluate(self.global_state)
+        self.store.save_checkpoint(round_num, self.global_state)
+        self._record(round_num, status, acc, loss, time.monotonic() - t0, results, missing)
+
+    def _record(
+        self,
+        round_num: int,
+        status: str,
+        acc: float,
+        loss: float,
+        seconds: float,
+        results: list[SiloResult],
+        missing: list[str],
+    ) -> None:
+        by_silo = {r.silo_id: r for r in results}
+        silos = []
+        for silo in sorted(set(self.meter.silos(round_num)) | set(missing)):
+            down, up = self.meter.get(round_num, silo, DOWN), self.meter.get(round_num, silo, UP)
+            r = by_silo.get(silo)
+            silos.append(
+                {
+                    "silo_id": silo,
+                    "status": "ok" if r else ("missing" if silo in missing else "idle"),
+                    "num_samples": r.num_samples if r else self._silos[silo].num_samples,
+                    "bytes_down": down.bytes,
+                    "bytes_up": up.bytes,
+                    "bytes_down_raw": down.raw,
+                    "bytes_up_raw": up.raw,
+                    "train_seconds": round(r.train_seconds, 4) if r else None,
+                    **({f"train_{k}" if not k.startswith("train_") else k: v
+                        for k, v in r.metrics.items()} if r else {}),
+                }
+            )  # fmt: skip
+        record = {
+            "round": round_num,
+            "algorithm": self.algorithm,
+            "status": status,
+            "global_accuracy": acc,
+            "global_loss": loss,
+            "bytes_down": sum(s["bytes_down"] for s in silos),
+            "bytes_up": sum(s["bytes_up"] for s in silos),
+            "bytes_down_raw": sum(s["bytes_down_raw"] for s in silos),
+            "bytes_up_raw": sum(s["bytes_up_raw"] for s in silos),
+            "wall_seconds": round(seconds, 4),
+            "num_results": len(results),
+            "missing": missing,
+            "late_refused": self._late.get(round_num, 0),
+            "silos": silos,
+        }
+        self.store.append_metrics(record)
+        log.info(
+            "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
+            round_num, status, acc, loss, record["bytes_down"] / 1e6, record["bytes_up"] / 1e6,
+            seconds,
+        )  # fmt: skip
+
+    def _finish(self, grace_s: float = 10.0) -> None:
+        """Tell every live silo the run is over (they exit on DONE), waiting a little."""
+        end = time.monotonic() + grace_s
+        with self._cond:
+            self._phase = "done"
+            self._cond.notify_all()
+            while time.monotonic() < end:
+                pending = [s for s in self._alive(time.monotonic()) if not self._silos[s].told_done]
+                if not pending:
+                    break
+                self._cond.wait(0.2)
+
+
+def check_state(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` cannot enter an aggregate with ``like``, or None if it can."""
+    unknown = sorted(set(state) - set(like))
+    if unknown:
+        return f"unknown tensor {unknown[0]!r}"
+    absent = sorted(set(like) - set(state))
+    if absent:
+        return f"missing tensor {absent[0]!r}"
+    for name, ref in like.items():
+        t = state[name]
+        if t.shape != ref.shape:
+            return f"tensor {name!r} has shape {list(t.shape)}, expected {list(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return f"tensor {name!r} has dtype {t.dtype}, expected {ref.dtype}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"tensor {name!r} holds NaN or infinite values"
+    return None
+
+
+def _json(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True)

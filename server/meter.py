@@ -1,0 +1,38 @@
+"""Meter: serialized bytes of every message, per round, per silo, per direction."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+
+DOWN, UP = "down", "up"
+
+
+@dataclass
+class Count:
+    messages: int = 0
+    bytes: int = 0  # serialized protobuf bytes, as handed to gRPC
+    raw: int = 0  # fp32 size of the tensors carried (what an uncompressed model costs)
+
+
+class Meter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[int, str, str], Count] = defaultdict(Count)
+
+    def add(self, round_num: int, silo_id: str, direction: str, nbytes: int, raw: int = 0) -> None:
+        with self._lock:
+            c = self._counts[(round_num, silo_id, direction)]
+            c.messages += 1
+            c.bytes += nbytes
+            c.raw += raw
+
+    def get(self, round_num: int, silo_id: str, direction: str) -> Count:
+        with self._lock:
+            c = self._counts.get((round_num, silo_id, direction), Count())
+            return Count(c.messages, c.bytes, c.raw)
+
+    def silos(self, round_num: int) -> list[str]:
+        with self._lock:
+            return sorted({s for (r, s, _) in self._counts if r == round_num})

@@ -1,0 +1,230 @@
+"""SiloDaemon: dials out to the coordinator, trains on private data, uploads the result.
+
+The data never leaves this process; only state dicts travel. If the coordinator is away
+(restart, network cut) the daemon retries with exponential backoff and joins again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import torch
+
+from lssfl import __version__
+from lssfl.common.data import Split, load_split
+from lssfl.common.models import build_model
+from lssfl.common.wire import MAX_MESSAGE_BYTES, decode_model, encode_model
+from lssfl.proto import coordinator_pb2 as cpb
+from lssfl.proto import coordinator_pb2_grpc as cgrpc
+from lssfl.proto import tensor_pb2 as pb
+from lssfl.silo.trainers import make_trainer
+
+log = logging.getLogger("lssfl.silo")
+T = TypeVar("T")
+
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class SiloRefused(RuntimeError):
+    """The coordinator will not work with this silo (unknown id, revoked...)."""
+
+
+class CoordinatorUnreachable(RuntimeError):
+    pass
+
+
+class _Rejoin(Exception):
+    """The coordinator forgot us (restart, new run): join again."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+class SiloDaemon:
+    def __init__(
+        self,
+        coordinator: str,
+        silo_id: str,
+        data: Split,
+        device: torch.device,
+        max_wait_s: float = 300.0,
+    ) -> None:
+        self.address = coordinator
+        self.silo_id = silo_id
+        self.data = data
+        self.device = device
+        self.max_wait_s = max_wait_s
+        self.run_id = ""
+        self.round = 0
+        self.state = "idle"
+        self.heartbeat_s = 2.0
+        self._channel = grpc.insecure_channel(coordinator, options=CHANNEL_OPTIONS)
+        self._stub = cgrpc.CoordinatorStub(self._channel)
+        self._stop = threading.Event()
+        self._x = data.x.to(device)
+        self._y = data.y.to(device)
+
+    @classmethod
+    def from_folder(
+        cls, coordinator: str, silo_id: str, data_dir: Path, device: str = "auto", **kw: float
+    ) -> SiloDaemon:
+        return cls(coordinator, silo_id, load_split(data_dir), resolve_device(device), **kw)
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Call ``fn`` until it answers; backoff while the coordinator is unreachable."""
+        delay, since = 0.5, time.monotonic()
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    raise SiloRefused(exc.details()) from None
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise _Rejoin(exc.details()) from None
+                if code not in RETRY_CODES:
+                    raise
+                waited = time.monotonic() - since
+                if waited > self.max_wait_s:
+                    raise CoordinatorUnreachable(
+                        f"coordinator {self.address} unreachable for {waited:.0f} s ({what})"
+                    ) from None
+                log.warning("%s: coordinator unavailable (%s); retrying in %.1f s",
+                            what, code.name, delay)  # fmt: skip
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+
+    def join(self) -> None:
+        reply = self._retry(
+            "join",
+            lambda: self._stub.Join(
+                cpb.JoinRequest(
+                    silo_id=self.silo_id,
+                    num_samples=self.data.num_samples,
+                    device=str(self.device),
+                    version=__version__,
+                ),
+                timeout=30,
+            ),
+        )
+        self.run_id, self.heartbeat_s = reply.run_id, reply.heartbeat_interval_s or 2.0
+        log.info("silo=%s joined run %s at %s (%d samples on %s)",
+                 self.silo_id, self.run_id, self.address, self.data.num_samples, self.device)  # fmt: skip
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._stub.Heartbeat(
+                    cpb.HeartbeatRequest(
+                        silo_id=self.silo_id, run_id=self.run_id, round=self.round, state=self.state
+                    ),
+                    timeout=max(self.heartbeat_s, 1.0),
+                )
+            except grpc.RpcError:
+                pass  # the main loop notices a lost coordinator and rejoins
+
+    def run(self) -> None:
+        """Serve tasks until the coordinator says the run is done."""
+        beat = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
+        try:
+            self.join()
+            beat.start()
+            while True:
+                try:
+                    task = self._retry(
+                        "get task",
+                        lambda: self._stub.GetTask(
+                            cpb.TaskRequest(silo_id=self.silo_id, run_id=self.run_id), timeout=30
+                        ),
+                    )
+                    if task.kind == cpb.Task.DONE:
+                        log.info("silo=%s run %s is over", self.silo_id, task.run_id)
+                        return
+                    if task.kind == cpb.Task.TRAIN:
+                        self.train_round(task)
+                except grpc.RpcError as exc:
+                    if exc.code() not in RETRY_CODES:
+                        raise
+                    # Lost the coordinator mid-round: ask again; if the round is still open
+                    # it hands out the same task.
+                    log.warning("silo=%s round=%d interrupted: %s", self.silo_id, self.round,
+                                exc.code().name)  # fmt: skip
+                    time.sleep(1.0)
+                except _Rejoin as exc:
+                    log.warning("silo=%s %s; joining again", self.silo_id, exc)
+                    self.join()
+        finally:
+            self._stop.set()
+            self._channel.close()
+
+    def train_round(self, task: cpb.Task) -> None:
+        r = self.round = task.round
+        t0 = time.monotonic()
+        self.state = "downloading"
+        stream = self._stub.DownloadModel(
+            cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=r), timeout=600
+        )
+        try:
+            received = decode_model(stream, header_kind="download", max_payload_bytes=1 << 40)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning("round=%d silo=%s download refused: %s", r, self.silo_id, exc.details())
+                return
+            raise
+        t1 = time.monotonic()
+        log.info("round=%d silo=%s downloaded %.2f MB in %.2f s",
+                 r, self.silo_id, received.payload_bytes / 1e6, t1 - t0)  # fmt: skip
+
+        self.state = "training"
+        model = build_model(json.loads(task.model_json)).to(self.device)
+        model.load_state_dict(received.state)
+        trainer_spec = json.loads(task.trainer_json)
+        trainer = make_trainer(trainer_spec)
+        torch.manual_seed(task.seed)
+        metrics = trainer.train(model, self._x, self._y, seed=task.seed)
+        t2 = time.monotonic()
+        log.info("round=%d silo=%s trained %s on %d samples in %.2f s: %s",
+                 r, self.silo_id, trainer_spec.get("name"), self.data.num_samples, t2 - t1,
+                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))  # fmt: skip
+
+        self.state = "uploading"
+        header = pb.ModelChunk(
+            upload=pb.UploadHeader(
+                run_id=task.run_id,
+                round=r,
+                silo_id=self.silo_id,
+                num_samples=self.data.num_samples,
+                train_seconds=t2 - t1,
+                metrics=metrics,
+            )
+        )
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        try:
+            reply = self._stub.UploadResult(encode_model(state, header), timeout=600)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                log.warning("round=%d silo=%s upload refused: %s", r, self.silo_id, exc.details())
+                return
+            raise
+        finally:
+            self.state = "idle"
+        log.info("round=%d silo=%s uploaded in %.2f s: %s",
+                 r, self.silo_id, time.monotonic() - t2, reply.message)  # fmt: skip

@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf stubs (``make proto``); do not edit by hand."""

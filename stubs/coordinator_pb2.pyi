@@ -1,0 +1,97 @@
+from lssfl.proto import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("silo_id", "num_samples", "device", "version")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    num_samples: int
+    device: str
+    version: str
+    def __init__(self, silo_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., device: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("run_id", "heartbeat_interval_s")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    heartbeat_interval_s: float
+    def __init__(self, run_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("silo_id", "run_id")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    run_id: str
+    def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("kind", "run_id", "round", "seed", "model_json", "trainer_json", "deadline_unix_s")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        WAIT: _ClassVar[Task.Kind]
+        TRAIN: _ClassVar[Task.Kind]
+        DONE: _ClassVar[Task.Kind]
+    WAIT: Task.Kind
+    TRAIN: Task.Kind
+    DONE: Task.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    kind: Task.Kind
+    run_id: str
+    round: int
+    seed: int
+    model_json: str
+    trainer_json: str
+    deadline_unix_s: float
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., model_json: _Optional[str] = ..., trainer_json: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("silo_id", "run_id", "round")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    run_id: str
+    round: int
+    def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class UploadReply(_message.Message):
+    __slots__ = ("accepted", "message")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    message: str
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("silo_id", "run_id", "round", "state")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    run_id: str
+    round: int
+    state: str
+    def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("current_round",)
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    current_round: int
+    def __init__(self, current_round: _Optional[int] = ...) -> None: ...

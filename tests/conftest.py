@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def lssfl_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lssfl", *args]
+
+
+def run_lssfl(*args: str, timeout: float = 120, cwd: Path | None = None):
+    return subprocess.run(
+        lssfl_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a small, fast run config under tmp_path; sections are merged into defaults."""
+
+    def write(name: str = "run.yaml", **sections) -> Path:
+        cfg = {
+            "run": {"name": "t", "seed": 0, "rounds": 2, "out_dir": str(tmp_path / "runs")},
+            "silos": ["silo-1", "silo-2", "silo-3"],
+            "coordinator": {"min_silos": 2, "round_deadline_s": 60, "join_timeout_s": 60,
+                            "heartbeat_interval_s": 0.5},
+            "data": {"kind": "embedded", "root": str(tmp_path / "data")},
+            "model": {"name": "cnn", "init": "pretrain", "pretrain_epochs": 2},
+            "trainer": {"name": "fedavg", "epochs": 1, "lr": 0.003},
+        }  # fmt: skip
+        for key, value in sections.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write

@@ -1,0 +1,161 @@
+"""End to end with real OS processes: coordinator and silos over loopback gRPC."""
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from lssfl.common.data import load_split, save_split
+from tests.conftest import lssfl_cmd, read_jsonl, run_lssfl
+
+
+def test_lssfl_run_three_silos_aggregate_matches_independent_average(tmp_path, write_config):
+    config = write_config(coordinator={"save_uploads": True})
+    run_dir = tmp_path / "runs" / "e2e"
+    proc = run_lssfl("run", "--config", str(config), "--run-dir", str(run_dir), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round  accuracy" in proc.stdout and "report:" in proc.stdout
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1, 2]
+    model_bytes = sum(v.nbytes for v in load_file(run_dir / "checkpoints/round-0000.safetensors")
+                      .values())  # fmt: skip
+    for rec in records[1:]:
+        assert rec["status"] == "ok" and rec["num_results"] == 3 and rec["missing"] == []
+        assert rec["algorithm"] == "fedavg"
+        # Uncompressed fp32: a round's downlink is about silos x model size (framing: < 1%).
+        assert 3 * model_bytes <= rec["bytes_down"] <= 3 * model_bytes * 1.01
+        assert 3 * model_bytes <= rec["bytes_up"] <= 3 * model_bytes * 1.01
+        assert rec["bytes_down_raw"] == rec["bytes_up_raw"] == 3 * model_bytes
+        assert {s["silo_id"] for s in rec["silos"]} == {"silo-1", "silo-2", "silo-3"}
+        assert all(s["train_seconds"] > 0 and s["bytes_up"] > model_bytes for s in rec["silos"])
+
+        # The aggregate, recomputed here from the decoded uploads and reported sample counts.
+        r = rec["round"]
+        weights = {s["silo_id"]: s["num_samples"] for s in rec["silos"]}
+        uploads = {s: load_file(run_dir / f"uploads/round-{r:04d}/{s}.safetensors") for s in weights}
+        glob = load_file(run_dir / f"checkpoints/round-{r:04d}.safetensors")
+        total = sum(weights.values())
+        for name, value in glob.items():
+            avg = sum(weights[s] * uploads[s][name].astype(np.float64) for s in weights) / total
+            if np.issubdtype(value.dtype, np.floating):
+                np.testing.assert_allclose(value, avg, rtol=1e-5, atol=1e-6, err_msg=name)
+            else:
+                np.testing.assert_array_equal(value, np.round(avg).astype(value.dtype))
+        # Silos really trained: their uploads differ from each other.
+        a, b = (uploads[s]["head.3.weight"] for s in ("silo-1", "silo-2"))
+        assert not np.array_equal(a, b)
+
+    final = load_file(run_dir / "final_model.safetensors")
+    last = load_file(run_dir / "checkpoints/round-0002.safetensors")
+    assert all(np.array_equal(final[k], last[k]) for k in last)
+    assert records[-1]["global_accuracy"] > 0.2
+    assert (run_dir / "report.md").exists() and (run_dir / "metrics.csv").exists()
+
+
+def _wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_config):
+    # Silos with their own data folders; silo-3 holds 40x more data, so it is still
+    # training when it is killed.
+    layout_cfg = write_config("gen.yaml")
+    from lssfl.common.config import load_config
+    from lssfl.common.dataroot import prepare_data_root
+
+    emb = prepare_data_root(load_config(layout_cfg))
+    root = tmp_path / "folders"
+    for silo, src in emb.silo_dirs.items():
+        split = load_split(src)
+        reps = 40 if silo == "silo-3" else 1
+        save_split(root / silo, split.x.repeat(reps, 1, 1, 1), split.y.repeat(reps))
+    test = load_split(emb.test_dir)
+    save_split(root / "test", test.x, test.y)
+    deadline = 10.0
+    config = write_config(
+        data={"kind": "folders", "root": str(root)},
+        model={"init": "random"},
+        coordinator={"round_deadline_s": deadline, "min_silos": 2},
+        trainer={"name": "fedavg", "epochs": 2},
+    )
+    run_dir = tmp_path / "run"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = {}
+
+    def start(name, *args):
+        log = open(logs / f"{name}.log", "wb")  # noqa: SIM115
+        procs[name] = subprocess.Popen(lssfl_cmd(*args), stdout=log, stderr=subprocess.STDOUT)
+
+    try:
+        start("coordinator", "coordinator", "--config", str(config), "--run-dir", str(run_dir),
+              "--port", "0")  # fmt: skip
+        _wait_for(lambda: (run_dir / "coordinator.addr").exists(), 120, "coordinator")
+        address = (run_dir / "coordinator.addr").read_text()
+        for silo in ("silo-1", "silo-2", "silo-3"):
+            start(silo, "silo", "--coordinator", address, "--silo-id", silo,
+                  "--data", str(root / silo))  # fmt: skip
+
+        # An id the config does not enrol is refused with one line.
+        intruder = run_lssfl("silo", "--coordinator", address, "--silo-id", "mallory",
+                             "--data", str(root / "silo-1"))  # fmt: skip
+        assert intruder.returncode == 2
+        assert intruder.stderr.strip() == (
+            "lssfl: error: the coordinator refused silo 'mallory': unknown silo 'mallory'"
+        )
+
+        _wait_for(lambda: "round=1 silo=silo-3 downloaded" in (logs / "silo-3.log").read_text(),
+                  120, "silo-3 to start round 1")  # fmt: skip
+        procs["silo-3"].send_signal(signal.SIGKILL)
+        assert procs["coordinator"].wait(180) == 0, (logs / "coordinator.log").read_text()
+        for silo in ("silo-1", "silo-2"):
+            assert procs[silo].wait(30) == 0
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    assert "round=1 silo=silo-3 uploaded" not in (logs / "silo-3.log").read_text()
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1, 2]
+    r1, r2 = records[1], records[2]
+    assert r1["status"] == "ok" and r1["missing"] == ["silo-3"] and r1["num_results"] == 2
+    assert r1["wall_seconds"] >= deadline - 0.5
+    by_silo = {s["silo_id"]: s for s in r1["silos"]}
+    assert by_silo["silo-3"]["status"] == "missing" and by_silo["silo-3"]["bytes_up"] < 1000
+    assert by_silo["silo-1"]["status"] == "ok"
+    # Dead silos are not asked again: round 2 runs with the two live ones, without waiting.
+    assert r2["status"] == "ok" and r2["num_results"] == 2 and r2["wall_seconds"] < deadline
+    assert "silo-3" not in {s["silo_id"] for s in r2["silos"]}
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, write_config):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("silos: [a]\ntrainer: {name: fedavg, epochs: many}\n")
+    for args in (["run", "--config", str(bad)], ["coordinator", "--config", str(bad)]):
+        proc = run_lssfl(*args)
+        assert proc.returncode == 2
+        assert proc.stderr == (
+            f"lssfl: error: {bad}: trainer.epochs must be an integer, got 'many'\n"
+        )
+
+    missing = tmp_path / "nowhere"
+    proc = run_lssfl("silo", "--coordinator", "127.0.0.1:9", "--silo-id", "silo-1",
+                     "--data", str(missing))  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(missing) in proc.stderr
+    assert "does not exist" in proc.stderr or "missing" in proc.stderr
+
+    proc = run_lssfl("run", "--config", str(tmp_path / "absent.yaml"))
+    assert proc.returncode == 2 and proc.stderr.startswith("lssfl: error: cannot read config")
+    assert os.path.exists(tmp_path) and "Traceback" not in proc.stderr

@@ -1,0 +1,171 @@
+"""The coordinator's gRPC service, in this process, over a real loopback socket."""
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from lssfl.common.config import parse_config
+from lssfl.common.wire import decode_model, encode_model
+from lssfl.proto import coordinator_pb2 as cpb
+from lssfl.proto import coordinator_pb2_grpc as cgrpc
+from lssfl.proto import tensor_pb2 as pb
+from lssfl.server.coordinator import Coordinator
+from lssfl.server.service import GRPC_OPTIONS, serve
+from lssfl.server.store import RoundStore
+
+
+class Harness:
+    def __init__(self, tmp_path, state, silos=("s1", "s2"), deadline=30.0):
+        cfg = parse_config({
+            "silos": list(silos),
+            "coordinator": {"min_silos": 1, "round_deadline_s": deadline},
+            "model": {"name": "mlp", "init": "random"},
+            "data": {"kind": "folders"},
+        })  # fmt: skip
+        self.coordinator = Coordinator(
+            cfg, RoundStore(tmp_path), state, lambda s: (0.0, 0.0), run_id="run1"
+        )
+        self.server, port = serve(self.coordinator, "127.0.0.1", 0)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        self.stub = cgrpc.CoordinatorStub(self.channel)
+        self.thread = None
+
+    def join(self, *silos):
+        for s in silos:
+            self.stub.Join(cpb.JoinRequest(silo_id=s, num_samples=10), timeout=5)
+
+    def open_round(self, round_num=1):
+        self.thread = threading.Thread(target=self.coordinator.run_round, args=(round_num,))
+        self.thread.start()
+        task = self.stub.GetTask(cpb.TaskRequest(silo_id="s1", run_id="run1"), timeout=10)
+        assert task.kind == cpb.Task.TRAIN and task.round == round_num
+        return task
+
+    def download(self, silo="s1", round_num=1):
+        stream = self.stub.DownloadModel(
+            cpb.DownloadRequest(silo_id=silo, run_id="run1", round=round_num), timeout=60
+        )
+        return decode_model(stream, header_kind="download", max_payload_bytes=1 << 31)
+
+    def upload(self, state, silo="s1", round_num=1, messages=None):
+        header = pb.ModelChunk(
+            upload=pb.UploadHeader(run_id="run1", round=round_num, silo_id=silo, num_samples=10)
+        )
+        msgs = messages if messages is not None else encode_model(state, header)
+        return self.stub.UploadResult(iter(msgs), timeout=60)
+
+    def close(self):
+        self.coordinator.stop()
+        if self.thread:
+            self.thread.join(10)
+        self.channel.close()
+        self.server.stop(0).wait()
+
+
+@pytest.fixture
+def small(tmp_path):
+    state = {"w": torch.randn(8, 4), "n": torch.tensor(3)}
+    h = Harness(tmp_path, state)
+    yield h, state
+    h.close()
+
+
+def _code(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_model_larger_than_50_mb_goes_down_and_up_bit_exact(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "big": torch.randn(13_500_000, generator=g),  # 54 MB, 13x gRPC's default limit
+        "half": torch.randn(1000, generator=g).half(),
+        "steps": torch.tensor(41),
+    }
+    h = Harness(tmp_path, state, silos=("s1",))
+    try:
+        h.join("s1")
+        h.open_round()
+        got = h.download()
+        assert got.payload_bytes > 50 * 2**20
+        for k, v in state.items():
+            assert got.state[k].dtype == v.dtype and torch.equal(got.state[k], v), k
+        assert h.upload(got.state).accepted
+        h.thread.join(30)
+        # One silo, weight 1: the new global model is exactly what came back up.
+        for k, v in state.items():
+            assert torch.equal(h.coordinator.global_state[k], v), k
+        down = h.coordinator.meter.get(1, "s1", "down")
+        up = h.coordinator.meter.get(1, "s1", "up")
+        assert 0 < down.bytes - got.payload_bytes < 10_000
+        assert 0 < up.bytes - got.payload_bytes < 10_000
+        assert up.raw == down.raw == 54_000_000 + 4000 + 8
+    finally:
+        h.close()
+
+
+def test_unknown_silo_is_refused_and_logged(small, caplog):
+    h, _ = small
+    code, details = _code(lambda: h.stub.Join(cpb.JoinRequest(silo_id="mallory"), timeout=5))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "mallory" in details
+    code, _ = _code(lambda: h.stub.GetTask(cpb.TaskRequest(silo_id="mallory"), timeout=5))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "unknown silo 'mallory'" in caplog.text
+
+
+def test_calls_before_join_are_refused(small):
+    h, _ = small
+    code, details = _code(lambda: h.stub.GetTask(cpb.TaskRequest(silo_id="s1"), timeout=5))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "join first" in details
+
+
+def _bad_uploads(state):
+    header = pb.ModelChunk(upload=pb.UploadHeader(run_id="run1", round=1, silo_id="s1",
+                                                  num_samples=10))  # fmt: skip
+    good = list(encode_model(state, header))
+    corrupt = list(good)
+    corrupt[2] = pb.ModelChunk(data=b"\x00" * len(good[2].data))
+    return {
+        "wrong shape": ({"w": torch.zeros(4, 8), "n": state["n"]}, None, "shape"),
+        "wrong dtype": ({"w": state["w"].double(), "n": state["n"]}, None, "dtype"),
+        "nan": ({"w": torch.full((8, 4), float("nan")), "n": state["n"]}, None, "NaN"),
+        "unknown name": ({**state, "extra": torch.ones(1)}, None, "unknown tensor 'extra'"),
+        "missing name": ({"w": state["w"]}, None, "missing tensor 'n'"),
+        "truncated": (None, good[:-2], "bad upload stream"),
+        "checksum": (None, corrupt, "checksum"),
+        "no header": (None, good[1:], "header"),
+    }
+
+
+def test_bad_uploads_are_refused_and_the_round_still_completes(small):
+    h, state = small
+    h.join("s1", "s2")
+    h.open_round()
+    for case, (bad_state, msgs, reason) in _bad_uploads(state).items():
+        code, details = _code(lambda: h.upload(bad_state, messages=msgs))  # noqa: B023
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, case
+        assert reason in details, (case, details)
+    # Still serving, and the good results make the round.
+    assert h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}).accepted
+    assert h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}).message.startswith("duplicate")
+    assert h.upload({"w": 3 * torch.ones(8, 4), "n": torch.tensor(7)}, silo="s2").accepted
+    h.thread.join(10)
+    assert torch.equal(h.coordinator.global_state["w"], 2 * torch.ones(8, 4))
+    assert int(h.coordinator.global_state["n"]) == 6
+
+
+def test_results_for_a_closed_round_are_refused_and_counted(small):
+    h, state = small
+    h.join("s1", "s2")
+    h.open_round()
+    h.upload(state)
+    h.upload(state, silo="s2")
+    h.thread.join(10)
+    code, details = _code(lambda: h.upload(state, round_num=1))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
+    assert h.coordinator._late[1] == 1
+    code, _ = _code(lambda: h.download(round_num=1))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,137 @@
+import hashlib
+
+import pytest
+import torch
+
+from lssfl.common.wire import (
+    CHUNK_BYTES,
+    DTYPES,
+    WireError,
+    decode_model,
+    encode_model,
+    raw_fp32_bytes,
+)
+from lssfl.proto import tensor_pb2 as pb
+
+HEADER = pb.ModelChunk(download=pb.DownloadHeader(run_id="r", round=1))
+
+
+def roundtrip(state, **kw):
+    return decode_model(
+        list(encode_model(state, HEADER)), header_kind="download", max_payload_bytes=1 << 30, **kw
+    )
+
+
+def sample_state():
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, dtype in DTYPES.items():
+        t = torch.randn(3, 5, generator=g) * 100
+        state[f"t_{name}"] = t > 0 if dtype == torch.bool else t.to(dtype)
+    state["scalar"] = torch.tensor(3.5)
+    state["empty"] = torch.empty(0, 4)
+    state["counter"] = torch.tensor(7, dtype=torch.int64)
+    return state
+
+
+def test_roundtrip_is_bit_exact_for_every_dtype_scalar_and_empty():
+    state = sample_state()
+    out = roundtrip(state).state
+    assert list(out) == list(state)
+    for name, t in state.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
+        assert torch.equal(out[name].view(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+
+
+def test_large_tensor_is_split_into_chunks_of_at_most_one_mib():
+    big = torch.arange(700_000, dtype=torch.float32)  # 2.8 MB
+    msgs = list(encode_model({"w": big}, HEADER))
+    data = [m.data for m in msgs if m.WhichOneof("part") == "data"]
+    assert len(data) == 3 and max(len(d) for d in data) == CHUNK_BYTES
+    assert all(m.ByteSize() < 2 * CHUNK_BYTES for m in msgs)
+    end = msgs[-1].end
+    assert end.payload_bytes == big.numel() * 4
+    assert end.sha256 == hashlib.sha256(big.numpy().tobytes()).digest()
+    assert torch.equal(roundtrip({"w": big}).state["w"], big)
+
+
+def test_raw_fp32_bytes_counts_floats_as_fp32_and_integers_at_their_width():
+    assert raw_fp32_bytes(pb.TensorSpec(dtype="float16", shape=[10, 3])) == 120
+    assert raw_fp32_bytes(pb.TensorSpec(dtype="int64", shape=[])) == 8
+
+
+def _msgs():
+    return list(encode_model({"a": torch.ones(4), "b": torch.zeros(2, 2)}, HEADER))
+
+
+def _decode(msgs, limit=1 << 30):
+    return decode_model(msgs, header_kind="download", max_payload_bytes=limit)
+
+
+def test_truncated_stream_is_rejected():
+    msgs = _msgs()
+    for cut in range(1, len(msgs)):
+        with pytest.raises(WireError):
+            _decode(msgs[:cut])
+
+
+def test_corrupted_payload_fails_the_checksum():
+    msgs = _msgs()
+    i = next(i for i, m in enumerate(msgs) if m.WhichOneof("part") == "data")
+    bad = bytearray(msgs[i].data)
+    bad[0] ^= 1
+    msgs[i] = pb.ModelChunk(data=bytes(bad))
+    with pytest.raises(WireError, match="checksum"):
+        _decode(msgs)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: setattr(s, "dtype", "complex128"), "unknown dtype"),
+        (lambda s: setattr(s, "codec", "zip"), "unknown codec"),
+        (lambda s: setattr(s, "nbytes", 12), "announced"),
+        (lambda s: s.shape.append(-1), "invalid shape"),
+        (lambda s: setattr(s, "name", ""), "empty name"),
+    ],
+)
+def test_bad_tensor_spec_is_rejected_with_a_reason(mutate, message):
+    msgs = _msgs()
+    mutate(msgs[1].tensor)
+    with pytest.raises(WireError, match=message):
+        _decode(msgs)
+
+
+def test_structural_errors():
+    msgs = _msgs()
+    with pytest.raises(WireError, match="must start"):
+        _decode(msgs[1:])
+    with pytest.raises(WireError, match="must start"):
+        decode_model(msgs, header_kind="upload", max_payload_bytes=1 << 30)
+    with pytest.raises(WireError, match="data before"):
+        _decode([msgs[0], pb.ModelChunk(data=b"x"), *msgs[1:]])
+    with pytest.raises(WireError, match="sent twice"):
+        _decode([msgs[0], msgs[1], msgs[2], msgs[1], msgs[2], *msgs[3:]])
+    with pytest.raises(WireError, match="after the end"):
+        _decode([*msgs, msgs[-1]])
+    with pytest.raises(WireError, match="more than"):
+        _decode([msgs[0], msgs[1], msgs[2], msgs[2], *msgs[3:]])
+    with pytest.raises(WireError, match="empty"):
+        _decode([msgs[0], pb.ModelChunk(), *msgs[1:]])
+    with pytest.raises(WireError, match="size limit"):
+        _decode(msgs, limit=10)
+
+
+def test_random_garbage_never_crashes():
+    g = torch.Generator().manual_seed(1)
+    msgs = _msgs()
+    for _ in range(200):
+        raw = bytes(torch.randint(0, 256, (int(torch.randint(1, 64, (1,), generator=g)),),
+                                  generator=g, dtype=torch.uint8).tolist())  # fmt: skip
+        try:
+            junk = pb.ModelChunk.FromString(raw)
+        except Exception:  # protobuf's DecodeError: what gRPC itself would refuse
+            continue
+        pos = int(torch.randint(1, len(msgs), (1,), generator=g))
+        with pytest.raises(WireError):
+            _decode([*msgs[:pos], junk, *msgs[pos:]])
