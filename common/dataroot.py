@@ -24,5 +24,7 @@ def prepare_data_root(cfg: RunConfig) -> DataRoot:
             root, num_silos=len(cfg.silos), alpha=cfg.data.alpha, seed=cfg.data.seed
         )
         dirs = [layout.silo_dirs[f"silo-{i + 1}"] for i in range(len(cfg.silos))]
-        return DataRoot(dict(zip(cfg.silos, dirs, strict=True)), layout.test_dir, layout.pretrain_dir)
+        return DataRoot(
+            dict(zip(cfg.silos, dirs, strict=True)), layout.test_dir, layout.pretrain_dir
+        )
     return DataRoot({s: root / s for s in cfg.silos}, root / "test", None)

@@ -62,9 +62,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def encode_model(
-    state: dict[str, torch.Tensor], header: pb.ModelChunk
-) -> Iterator[pb.ModelChunk]:
+def encode_model(state: dict[str, torch.Tensor], header: pb.ModelChunk) -> Iterator[pb.ModelChunk]:
     """Yield the messages of one stream: ``header``, tensors, ``StreamEnd``."""
     yield header
     digest = hashlib.sha256()

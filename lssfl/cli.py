@@ -12,8 +12,7 @@ EXAMPLES = {
         "example:\n  lssfl coordinator --config configs/demo.yaml --run-dir runs/hospital-a"
     ),
     "silo": (
-        "example:\n  lssfl silo --coordinator 10.0.0.5:50051 --silo-id silo-1 "
-        "--data /data/silo-1"
+        "example:\n  lssfl silo --coordinator 10.0.0.5:50051 --silo-id silo-1 --data /data/silo-1"
     ),
 }
 
@@ -49,9 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     silo.add_argument("--data", required=True, type=Path, help="folder with data.safetensors")
     silo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     silo.add_argument(
-        "--max-wait", type=float, default=300.0, help="give up after the coordinator has "
-        "been unreachable this many seconds (default 300)",
-    )  # fmt: skip
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="give up after the coordinator has been unreachable this many seconds (default 300)",
+    )
     return parser
 
 

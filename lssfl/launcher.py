@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -115,10 +116,8 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
             print(f"coordinator exited with code {code}:\n{coord.tail()}", file=sys.stderr)
         end = time.monotonic() + 15
         for p in procs[1:]:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         report = write_report(run_dir)
         print(f"report: {report}\nmetrics: {run_dir / 'metrics.jsonl'}\nlogs: {logs}/")
         return code

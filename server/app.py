@@ -40,7 +40,9 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
     coordinator = Coordinator(
         cfg, store, initial_state(cfg, data.pretrain_dir), evaluate_state, run_id=run_dir.name
     )
-    server, bound = serve(coordinator, cfg.coordinator.host, cfg.coordinator.port if port is None else port)
+    server, bound = serve(
+        coordinator, cfg.coordinator.host, cfg.coordinator.port if port is None else port
+    )
     address = f"{cfg.coordinator.host}:{bound}"
     # The launcher waits for this file to learn the port the OS picked.
     atomic_write(run_dir / ADDRESS_FILE, address.encode())

@@ -128,9 +128,13 @@ class Coordinator:
             self._cond.notify_all()
         log.info(
             "round=%d silo=%s %s (%d samples, %s, lssfl %s)",
-            self._round, req.silo_id, "rejoined" if rejoin else "joined",
-            req.num_samples, req.device or "?", req.version or "?",
-        )  # fmt: skip
+            self._round,
+            req.silo_id,
+            "rejoined" if rejoin else "joined",
+            req.num_samples,
+            req.device or "?",
+            req.version or "?",
+        )
         return reply
 
     def _task_for(self, silo_id: str) -> cpb.Task | None:
@@ -234,8 +238,11 @@ class Coordinator:
             self.store.save_upload(round_num, silo, decoded.state)
         log.info(
             "round=%d silo=%s upload accepted (%.2f MB, %d samples)",
-            round_num, silo, decoded.payload_bytes / 1e6, head.num_samples,
-        )  # fmt: skip
+            round_num,
+            silo,
+            decoded.payload_bytes / 1e6,
+            head.num_samples,
+        )
         return cpb.UploadReply(accepted=True, message="ok")
 
     def _admit(self, silo: str, round_num: int) -> None:
@@ -350,8 +357,10 @@ class Coordinator:
         else:
             log.error(
                 "round=%d only %d results (min_silos=%d): global model unchanged",
-                round_num, len(results), self.cfg.coordinator.min_silos,
-            )  # fmt: skip
+                round_num,
+                len(results),
+                self.cfg.coordinator.min_silos,
+            )
             status = "insufficient"
         acc, loss = self.evaluate(self.global_state)
         self.store.save_checkpoint(round_num, self.global_state)
@@ -382,10 +391,16 @@ class Coordinator:
                     "bytes_down_raw": down.raw,
                     "bytes_up_raw": up.raw,
                     "train_seconds": round(r.train_seconds, 4) if r else None,
-                    **({f"train_{k}" if not k.startswith("train_") else k: v
-                        for k, v in r.metrics.items()} if r else {}),
+                    **(
+                        {
+                            f"train_{k}" if not k.startswith("train_") else k: v
+                            for k, v in r.metrics.items()
+                        }
+                        if r
+                        else {}
+                    ),
                 }
-            )  # fmt: skip
+            )
         record = {
             "round": round_num,
             "algorithm": self.algorithm,
@@ -405,9 +420,14 @@ class Coordinator:
         self.store.append_metrics(record)
         log.info(
             "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
-            round_num, status, acc, loss, record["bytes_down"] / 1e6, record["bytes_up"] / 1e6,
+            round_num,
+            status,
+            acc,
+            loss,
+            record["bytes_down"] / 1e6,
+            record["bytes_up"] / 1e6,
             seconds,
-        )  # fmt: skip
+        )
 
     def _finish(self, grace_s: float = 10.0) -> None:
         """Tell every live silo the run is over (they exit on DONE), waiting a little."""

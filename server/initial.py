@@ -48,7 +48,11 @@ def initial_state(cfg: RunConfig, pretrain_dir: Path | None) -> dict[str, torch.
     trainer = FedAvgTrainer(epochs=cfg.model.pretrain_epochs, batch_size=32, lr=1e-3)
     trainer.train(model, split.x, split.y, seed=derive_seed(cfg.run.seed, 0, "pretrain"))
     acc, _ = evaluate(model, split.x, split.y)
-    log.info("initial model: pre-trained %d epochs on %d public samples (train accuracy %.3f)",
-             cfg.model.pretrain_epochs, split.num_samples, acc)  # fmt: skip
+    log.info(
+        "initial model: pre-trained %d epochs on %d public samples (train accuracy %.3f)",
+        cfg.model.pretrain_epochs,
+        split.num_samples,
+        acc,
+    )
     save_state(cache, model.state_dict())
     return model.state_dict()

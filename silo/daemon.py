@@ -6,6 +6,7 @@ The data never leaves this process; only state dicts travel. If the coordinator 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -107,8 +108,9 @@ class SiloDaemon:
                     raise CoordinatorUnreachable(
                         f"coordinator {self.address} unreachable for {waited:.0f} s ({what})"
                     ) from None
-                log.warning("%s: coordinator unavailable (%s); retrying in %.1f s",
-                            what, code.name, delay)  # fmt: skip
+                log.warning(
+                    "%s: coordinator unavailable (%s); retrying in %.1f s", what, code.name, delay
+                )
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
 
@@ -126,20 +128,25 @@ class SiloDaemon:
             ),
         )
         self.run_id, self.heartbeat_s = reply.run_id, reply.heartbeat_interval_s or 2.0
-        log.info("silo=%s joined run %s at %s (%d samples on %s)",
-                 self.silo_id, self.run_id, self.address, self.data.num_samples, self.device)  # fmt: skip
+        log.info(
+            "silo=%s joined run %s at %s (%d samples on %s)",
+            self.silo_id,
+            self.run_id,
+            self.address,
+            self.data.num_samples,
+            self.device,
+        )
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            try:
+            # The main loop notices a lost coordinator and rejoins; a missed beat is harmless.
+            with contextlib.suppress(grpc.RpcError):
                 self._stub.Heartbeat(
                     cpb.HeartbeatRequest(
                         silo_id=self.silo_id, run_id=self.run_id, round=self.round, state=self.state
                     ),
                     timeout=max(self.heartbeat_s, 1.0),
                 )
-            except grpc.RpcError:
-                pass  # the main loop notices a lost coordinator and rejoins
 
     def run(self) -> None:
         """Serve tasks until the coordinator says the run is done."""
@@ -165,8 +172,12 @@ class SiloDaemon:
                         raise
                     # Lost the coordinator mid-round: ask again; if the round is still open
                     # it hands out the same task.
-                    log.warning("silo=%s round=%d interrupted: %s", self.silo_id, self.round,
-                                exc.code().name)  # fmt: skip
+                    log.warning(
+                        "silo=%s round=%d interrupted: %s",
+                        self.silo_id,
+                        self.round,
+                        exc.code().name,
+                    )
                     time.sleep(1.0)
                 except _Rejoin as exc:
                     log.warning("silo=%s %s; joining again", self.silo_id, exc)
@@ -190,8 +201,13 @@ class SiloDaemon:
                 return
             raise
         t1 = time.monotonic()
-        log.info("round=%d silo=%s downloaded %.2f MB in %.2f s",
-                 r, self.silo_id, received.payload_bytes / 1e6, t1 - t0)  # fmt: skip
+        log.info(
+            "round=%d silo=%s downloaded %.2f MB in %.2f s",
+            r,
+            self.silo_id,
+            received.payload_bytes / 1e6,
+            t1 - t0,
+        )
 
         self.state = "training"
         model = build_model(json.loads(task.model_json)).to(self.device)
@@ -201,9 +217,15 @@ class SiloDaemon:
         torch.manual_seed(task.seed)
         metrics = trainer.train(model, self._x, self._y, seed=task.seed)
         t2 = time.monotonic()
-        log.info("round=%d silo=%s trained %s on %d samples in %.2f s: %s",
-                 r, self.silo_id, trainer_spec.get("name"), self.data.num_samples, t2 - t1,
-                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))  # fmt: skip
+        log.info(
+            "round=%d silo=%s trained %s on %d samples in %.2f s: %s",
+            r,
+            self.silo_id,
+            trainer_spec.get("name"),
+            self.data.num_samples,
+            t2 - t1,
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+        )
 
         self.state = "uploading"
         header = pb.ModelChunk(
@@ -220,11 +242,19 @@ class SiloDaemon:
         try:
             reply = self._stub.UploadResult(encode_model(state, header), timeout=600)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+            if exc.code() in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
                 log.warning("round=%d silo=%s upload refused: %s", r, self.silo_id, exc.details())
                 return
             raise
         finally:
             self.state = "idle"
-        log.info("round=%d silo=%s uploaded in %.2f s: %s",
-                 r, self.silo_id, time.monotonic() - t2, reply.message)  # fmt: skip
+        log.info(
+            "round=%d silo=%s uploaded in %.2f s: %s",
+            r,
+            self.silo_id,
+            time.monotonic() - t2,
+            reply.message,
+        )

@@ -29,12 +29,16 @@ def write_config(tmp_path):
         cfg = {
             "run": {"name": "t", "seed": 0, "rounds": 2, "out_dir": str(tmp_path / "runs")},
             "silos": ["silo-1", "silo-2", "silo-3"],
-            "coordinator": {"min_silos": 2, "round_deadline_s": 60, "join_timeout_s": 60,
-                            "heartbeat_interval_s": 0.5},
+            "coordinator": {
+                "min_silos": 2,
+                "round_deadline_s": 60,
+                "join_timeout_s": 60,
+                "heartbeat_interval_s": 0.5,
+            },
             "data": {"kind": "embedded", "root": str(tmp_path / "data")},
             "model": {"name": "cnn", "init": "pretrain", "pretrain_epochs": 2},
             "trainer": {"name": "fedavg", "epochs": 1, "lr": 0.003},
-        }  # fmt: skip
+        }
         for key, value in sections.items():
             cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
         path = tmp_path / name

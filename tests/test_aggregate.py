@@ -7,12 +7,15 @@ from lssfl.server.aggregate import weighted_average
 
 def test_weighted_average_matches_numpy_float64():
     g = torch.Generator().manual_seed(0)
-    states = [{"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
-              for _ in range(3)]  # fmt: skip
+    states = [
+        {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)} for _ in range(3)
+    ]
     weights = [10, 30, 60]
     out = weighted_average(states, weights, states[0])
     for k in ("w", "b"):
-        expected = sum(w * s[k].double().numpy() for s, w in zip(states, weights)) / 100
+        expected = (
+            sum(w * s[k].double().numpy() for s, w in zip(states, weights, strict=True)) / 100
+        )
         np.testing.assert_allclose(out[k].numpy(), expected, rtol=1e-6, atol=1e-7)
         assert out[k].dtype == torch.float32
 

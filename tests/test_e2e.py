@@ -21,8 +21,9 @@ def test_lssfl_run_three_silos_aggregate_matches_independent_average(tmp_path, w
 
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["round"] for r in records] == [0, 1, 2]
-    model_bytes = sum(v.nbytes for v in load_file(run_dir / "checkpoints/round-0000.safetensors")
-                      .values())  # fmt: skip
+    model_bytes = sum(
+        v.nbytes for v in load_file(run_dir / "checkpoints/round-0000.safetensors").values()
+    )
     for rec in records[1:]:
         assert rec["status"] == "ok" and rec["num_results"] == 3 and rec["missing"] == []
         assert rec["algorithm"] == "fedavg"
@@ -36,7 +37,9 @@ def test_lssfl_run_three_silos_aggregate_matches_independent_average(tmp_path, w
         # The aggregate, recomputed here from the decoded uploads and reported sample counts.
         r = rec["round"]
         weights = {s["silo_id"]: s["num_samples"] for s in rec["silos"]}
-        uploads = {s: load_file(run_dir / f"uploads/round-{r:04d}/{s}.safetensors") for s in weights}
+        uploads = {
+            s: load_file(run_dir / f"uploads/round-{r:04d}/{s}.safetensors") for s in weights
+        }
         glob = load_file(run_dir / f"checkpoints/round-{r:04d}.safetensors")
         total = sum(weights.values())
         for name, value in glob.items():
@@ -97,24 +100,44 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
         procs[name] = subprocess.Popen(lssfl_cmd(*args), stdout=log, stderr=subprocess.STDOUT)
 
     try:
-        start("coordinator", "coordinator", "--config", str(config), "--run-dir", str(run_dir),
-              "--port", "0")  # fmt: skip
+        start(
+            "coordinator",
+            "coordinator",
+            "--config",
+            str(config),
+            "--run-dir",
+            str(run_dir),
+            "--port",
+            "0",
+        )
         _wait_for(lambda: (run_dir / "coordinator.addr").exists(), 120, "coordinator")
         address = (run_dir / "coordinator.addr").read_text()
         for silo in ("silo-1", "silo-2", "silo-3"):
-            start(silo, "silo", "--coordinator", address, "--silo-id", silo,
-                  "--data", str(root / silo))  # fmt: skip
+            start(
+                silo,
+                "silo",
+                "--coordinator",
+                address,
+                "--silo-id",
+                silo,
+                "--data",
+                str(root / silo),
+            )
 
         # An id the config does not enrol is refused with one line.
-        intruder = run_lssfl("silo", "--coordinator", address, "--silo-id", "mallory",
-                             "--data", str(root / "silo-1"))  # fmt: skip
+        intruder = run_lssfl(
+            "silo", "--coordinator", address, "--silo-id", "mallory", "--data", str(root / "silo-1")
+        )
         assert intruder.returncode == 2
         assert intruder.stderr.strip() == (
             "lssfl: error: the coordinator refused silo 'mallory': unknown silo 'mallory'"
         )
 
-        _wait_for(lambda: "round=1 silo=silo-3 downloaded" in (logs / "silo-3.log").read_text(),
-                  120, "silo-3 to start round 1")  # fmt: skip
+        _wait_for(
+            lambda: "round=1 silo=silo-3 downloaded" in (logs / "silo-3.log").read_text(),
+            120,
+            "silo-3 to start round 1",
+        )
         procs["silo-3"].send_signal(signal.SIGKILL)
         assert procs["coordinator"].wait(180) == 0, (logs / "coordinator.log").read_text()
         for silo in ("silo-1", "silo-2"):
@@ -150,8 +173,9 @@ def test_errors_are_one_line_without_traceback(tmp_path, write_config):
         )
 
     missing = tmp_path / "nowhere"
-    proc = run_lssfl("silo", "--coordinator", "127.0.0.1:9", "--silo-id", "silo-1",
-                     "--data", str(missing))  # fmt: skip
+    proc = run_lssfl(
+        "silo", "--coordinator", "127.0.0.1:9", "--silo-id", "silo-1", "--data", str(missing)
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and str(missing) in proc.stderr
     assert "does not exist" in proc.stderr or "missing" in proc.stderr

@@ -18,12 +18,14 @@ from lssfl.server.store import RoundStore
 
 class Harness:
     def __init__(self, tmp_path, state, silos=("s1", "s2"), deadline=30.0):
-        cfg = parse_config({
-            "silos": list(silos),
-            "coordinator": {"min_silos": 1, "round_deadline_s": deadline},
-            "model": {"name": "mlp", "init": "random"},
-            "data": {"kind": "folders"},
-        })  # fmt: skip
+        cfg = parse_config(
+            {
+                "silos": list(silos),
+                "coordinator": {"min_silos": 1, "round_deadline_s": deadline},
+                "model": {"name": "mlp", "init": "random"},
+                "data": {"kind": "folders"},
+            }
+        )
         self.coordinator = Coordinator(
             cfg, RoundStore(tmp_path), state, lambda s: (0.0, 0.0), run_id="run1"
         )
@@ -123,8 +125,9 @@ def test_calls_before_join_are_refused(small):
 
 
 def _bad_uploads(state):
-    header = pb.ModelChunk(upload=pb.UploadHeader(run_id="run1", round=1, silo_id="s1",
-                                                  num_samples=10))  # fmt: skip
+    header = pb.ModelChunk(
+        upload=pb.UploadHeader(run_id="run1", round=1, silo_id="s1", num_samples=10)
+    )
     good = list(encode_model(state, header))
     corrupt = list(good)
     corrupt[2] = pb.ModelChunk(data=b"\x00" * len(good[2].data))

@@ -126,8 +126,15 @@ def test_random_garbage_never_crashes():
     g = torch.Generator().manual_seed(1)
     msgs = _msgs()
     for _ in range(200):
-        raw = bytes(torch.randint(0, 256, (int(torch.randint(1, 64, (1,), generator=g)),),
-                                  generator=g, dtype=torch.uint8).tolist())  # fmt: skip
+        raw = bytes(
+            torch.randint(
+                0,
+                256,
+                (int(torch.randint(1, 64, (1,), generator=g)),),
+                generator=g,
+                dtype=torch.uint8,
+            ).tolist()
+        )
         try:
             junk = pb.ModelChunk.FromString(raw)
         except Exception:  # protobuf's DecodeError: what gRPC itself would refuse

@@ -42,7 +42,9 @@ def main() -> None:
         committed = {p.name for p in STUBS.iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
         if args.check:
             stale = sorted(
-                n for n in fresh if n not in committed or not filecmp.cmp(fresh[n], STUBS / n, False)
+                n
+                for n in fresh
+                if n not in committed or not filecmp.cmp(fresh[n], STUBS / n, False)
             )
             extra = sorted(committed - fresh.keys())
             if stale or extra:
