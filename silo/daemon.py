@@ -150,7 +150,7 @@ class SiloDaemon:
 
     def run(self) -> None:
         """Serve tasks until the coordinator says the run is done."""
-        beat = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
+        beat = threading.Thread(target=self._heartbeats, name="heartbeat")
         try:
             self.join()
             beat.start()
@@ -183,7 +183,11 @@ class SiloDaemon:
                     log.warning("silo=%s %s; joining again", self.silo_id, exc)
                     self.join()
         finally:
+            # Join the heartbeat thread before closing the channel: a gRPC call still in
+            # flight at interpreter exit aborts the process ("terminate called ...").
             self._stop.set()
+            if beat.is_alive():
+                beat.join()
             self._channel.close()
 
     def train_round(self, task: cpb.Task) -> None:

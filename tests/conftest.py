@@ -1,10 +1,15 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+# Several processes share two cores in these tests: one thread each avoids oversubscription
+# (inherited by every coordinator and silo the tests start).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def lssfl_cmd(*args: str) -> list[str]:

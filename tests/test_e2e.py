@@ -1,7 +1,9 @@
 """End to end with real OS processes: coordinator and silos over loopback gRPC."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -59,6 +61,12 @@ def test_lssfl_run_three_silos_aggregate_matches_independent_average(tmp_path, w
     assert (run_dir / "report.md").exists() and (run_dir / "metrics.csv").exists()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _wait_for(predicate, timeout, what):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -83,7 +91,7 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
         save_split(root / silo, split.x.repeat(reps, 1, 1, 1), split.y.repeat(reps))
     test = load_split(emb.test_dir)
     save_split(root / "test", test.x, test.y)
-    deadline = 10.0
+    deadline = 15.0
     config = write_config(
         data={"kind": "folders", "root": str(root)},
         model={"init": "random"},
@@ -100,19 +108,11 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
         procs[name] = subprocess.Popen(lssfl_cmd(*args), stdout=log, stderr=subprocess.STDOUT)
 
     try:
-        start(
-            "coordinator",
-            "coordinator",
-            "--config",
-            str(config),
-            "--run-dir",
-            str(run_dir),
-            "--port",
-            "0",
-        )
-        _wait_for(lambda: (run_dir / "coordinator.addr").exists(), 120, "coordinator")
-        address = (run_dir / "coordinator.addr").read_text()
-        for silo in ("silo-1", "silo-2", "silo-3"):
+        # silo-1 starts first and must wait (backoff) until the coordinator is up.
+        port = _free_port()
+        address = f"127.0.0.1:{port}"
+
+        def start_silo(silo):
             start(
                 silo,
                 "silo",
@@ -123,6 +123,15 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
                 "--data",
                 str(root / silo),
             )
+
+        start_silo("silo-1")
+        _wait_for(lambda: "unavailable" in (logs / "silo-1.log").read_text(), 60, "silo-1 retry")
+        start("coordinator", "coordinator", "--config", str(config), "--run-dir", str(run_dir),
+              "--port", str(port))  # fmt: skip
+        _wait_for(lambda: (run_dir / "coordinator.addr").exists(), 120, "coordinator")
+        assert (run_dir / "coordinator.addr").read_text() == address
+        start_silo("silo-2")
+        start_silo("silo-3")
 
         # An id the config does not enrol is refused with one line.
         intruder = run_lssfl(
@@ -142,6 +151,7 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
         assert procs["coordinator"].wait(180) == 0, (logs / "coordinator.log").read_text()
         for silo in ("silo-1", "silo-2"):
             assert procs[silo].wait(30) == 0
+        assert "joined run" in (logs / "silo-1.log").read_text()
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -183,3 +193,47 @@ def test_errors_are_one_line_without_traceback(tmp_path, write_config):
     proc = run_lssfl("run", "--config", str(tmp_path / "absent.yaml"))
     assert proc.returncode == 2 and proc.stderr.startswith("lssfl: error: cannot read config")
     assert os.path.exists(tmp_path) and "Traceback" not in proc.stderr
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_ctrl_c_stops_coordinator_and_silos(tmp_path, write_config):
+    config = write_config(run={"rounds": 500}, model={"init": "random"})
+    run_dir = tmp_path / "runs" / "interrupted"
+    out = open(tmp_path / "launcher.out", "wb")  # noqa: SIM115
+    launcher = subprocess.Popen(
+        lssfl_cmd("run", "--config", str(config), "--run-dir", str(run_dir)),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for(lambda: len(_read(run_dir / "metrics.jsonl").splitlines()) >= 2, 120, "round 1")
+        assert len(_processes_mentioning(str(tmp_path))) == 5  # launcher, coordinator, 3 silos
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(30) == 130
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        out.close()
+    assert "interrupted: stopping coordinator and silos" in _read(tmp_path / "launcher.out")
+    assert "stopped before the end of the run" in _read(run_dir / "logs" / "coordinator.log")
+    _wait_for(lambda: not _processes_mentioning(str(tmp_path)), 10, "children to exit")
+    # What was finished is kept: every line of metrics.jsonl is whole.
+    assert all(
+        json.loads(line)["round"] >= 0 for line in _read(run_dir / "metrics.jsonl").splitlines()
+    )
+
+
+def _read(path) -> str:
+    return path.read_text() if path.exists() else ""
