@@ -8,13 +8,15 @@ which trainer ran: it only sees a state dict and a sample count.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lssfl.silo.lss import LSSTrainer
 
 
 class LocalTrainer(Protocol):
@@ -47,6 +49,48 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; known: adam, sgd")
 
 
+def local_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    after_backward: Callable[[], None] | None = None,
+) -> float:
+    """One optimizer step of plain local training on a batch; returns the batch's mean loss."""
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    opt.step()
+    return loss.item()
+
+
+def _local_epochs(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    after_backward: Callable[[], None] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """The loop every FedAvg-style trainer shares; the hooks add what makes each one different."""
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    total, seen = 0.0, 0
+    for epoch in range(epochs):
+        for idx in batches(len(x), batch_size, generator, x.device):
+            total += local_step(model, opt, x[idx], y[idx], after_backward) * len(idx)
+            seen += len(idx)
+        if after_epoch is not None:
+            after_epoch(epoch)
+    return {"train_loss": total / max(seen, 1)}
+
+
 @dataclass
 class FedAvgTrainer:
     """Plain local epochs of Adam or SGD (McMahan et al., 2017)."""
@@ -61,24 +105,128 @@ class FedAvgTrainer:
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
     ) -> dict[str, float]:
-        generator = torch.Generator().manual_seed(seed)
         opt = make_optimizer(
             self.optimizer, model.parameters(), self.lr, self.momentum, self.weight_decay
         )
-        model.train()
-        total, seen = 0.0, 0
-        for _ in range(self.epochs):
-            for idx in batches(len(x), self.batch_size, generator, x.device):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-                seen += len(idx)
-        return {"train_loss": total / max(seen, 1)}
+        return _local_epochs(
+            model, opt, x, y, epochs=self.epochs, batch_size=self.batch_size, seed=seed
+        )
 
 
-TRAINERS: dict[str, type] = {"fedavg": FedAvgTrainer}
+@dataclass
+class FedProxTrainer:
+    """FedAvg plus a proximal term (mu/2) ||w - w_global||^2 (Li et al., 2020).
+
+    The term's gradient, mu (w - w_global), is added to the gradients by hand, so no graph is
+    built for it. ``train_loss`` is the cross-entropy alone. mu = 0 is FedAvg, bit for bit.
+    """
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mu < 0:
+            raise ValueError(f"fedprox: mu must be >= 0, got {self.mu}")
+
+    def train(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
+    ) -> dict[str, float]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        received = [p.detach().clone() for p in params]
+
+        @torch.no_grad()
+        def proximal() -> None:
+            for p, w in zip(params, received, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p - w, alpha=self.mu)
+
+        opt = make_optimizer(self.optimizer, params, self.lr, self.momentum, self.weight_decay)
+        return _local_epochs(
+            model,
+            opt,
+            x,
+            y,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=seed,
+            after_backward=proximal if self.mu else None,
+        )
+
+
+@dataclass
+class SWATrainer:
+    """Local stochastic weight averaging (Izmailov et al., 2018).
+
+    Plain local epochs; the upload is the uniform average of the weights at the end of every
+    epoch after the first ``swa_start`` (swa_start = epochs - 1 is FedAvg). The learning rate
+    is not changed. BatchNorm running statistics are those of the last step, not recomputed
+    for the averaged weights (that would cost another pass over the data).
+    """
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    swa_start: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.swa_start < self.epochs:
+            raise ValueError(
+                f"swa: swa_start must be in [0, epochs), got {self.swa_start} with "
+                f"epochs={self.epochs}"
+            )
+
+    def train(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
+    ) -> dict[str, float]:
+        params = list(model.parameters())
+        average = [torch.empty_like(p) for p in params]
+        count = 0
+
+        @torch.no_grad()
+        def accumulate(epoch: int) -> None:
+            nonlocal count
+            if epoch < self.swa_start:
+                return
+            count += 1
+            for a, p in zip(average, params, strict=True):
+                if count == 1:
+                    a.copy_(p)
+                else:  # running mean, as torch.optim.swa_utils does
+                    a.add_(p - a, alpha=1.0 / count)
+
+        opt = make_optimizer(
+            self.optimizer, model.parameters(), self.lr, self.momentum, self.weight_decay
+        )
+        metrics = _local_epochs(
+            model,
+            opt,
+            x,
+            y,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=seed,
+            after_epoch=accumulate,
+        )
+        with torch.no_grad():
+            for p, a in zip(params, average, strict=True):
+                p.copy_(a)
+        return metrics
+
+
+TRAINERS: dict[str, type] = {
+    "fedavg": FedAvgTrainer,
+    "fedprox": FedProxTrainer,
+    "swa": SWATrainer,
+    "lss": LSSTrainer,
+}
 
 
 def make_trainer(spec: dict[str, Any]) -> LocalTrainer:

@@ -1,0 +1,551 @@
+"""Local Superior Soups (Chen et al., NeurIPS 2024): local training that returns a model soup.
+
+One silo, one round (see /work/shared/LSS_SPEC.md). Starting from the received weights f_p,
+train N pool members one after another. Member 1 starts at f_p; member k starts at the uniform
+average of members 1..k-1, which are then frozen. Each step draws interpolation weights
+alpha ~ Dirichlet(1, ..., 1) over the k current members, evaluates the loss at the soup
+f_s = sum_i alpha_i f_i, and updates only f_k (the gradient reaches it through alpha_k * f_k):
+
+    loss = CE(f_s; batch) + lambda_a * affinity(f_k, f_p) - lambda_d * diversity(f_k, pool)
+
+The silo uploads the uniform average of the N members.
+
+Distances. Every distance is the RMS distance over the D pooled parameters,
+
+    dist(a, b) = ||w * (a - b)||_2 / sqrt(D)
+
+(w = 1 unless ``importance`` is on), i.e. the root-mean-square displacement of one weight,
+instead of the paper's raw L2 norm, whose value grows like sqrt(D): an RMS distance of 0.01
+means the same thing for a 40k-parameter CNN and an 11M-parameter ResNet. affinity "l2" is
+dist(f_k, f_p) (paper), "sq_l2" its square (authors' code). diversity "l2" is the mean of
+dist(f_k, f_i) over the frozen members (paper); "volume" is the volume of the simplex spanned
+by all k members, from the Cayley-Menger determinant of their squared RMS distances,
+normalised by ((k-1)!)^2 * 2^(k-1) so that it is the true (k-1)-volume in RMS units; it scales
+like dist^(k-1), so lambda_d for it needs its own value. Where a distance (or the volume) is
+0 its gradient is taken as 0, the subgradient at the kink: member 1 starts at f_p, member 2
+as a copy of member 1, and member 3 on the segment between members 1 and 2.
+
+Importance weights (``importance=True``): w = sqrt(mean over the local batches of the
+squared gradient of the loss at f_p), clamped to [1e-8, 1e8] as in the reference, then
+divided by its RMS so that uniform importance gives back the plain RMS distance and the
+lambdas keep their meaning. Computed once per round; BatchNorm statistics are left untouched.
+
+Head (``exclude_head=True``): the parameters of the last ``nn.Linear`` in
+``model.modules()`` order (registration order, which is the classifier for every model in
+lssfl.common.models) stay out of the pool: one shared copy, trained along with every member
+and uploaded as it ends. It is not interpolated and not part of any distance.
+
+BatchNorm running statistics are buffers, not pool members: the model's one copy is updated
+in place by the interpolated forward passes (``interp_samples`` passes per step, one while
+member 1 trains alone) and uploaded as it ends.
+
+How it is fast. f_p and the N members are the rows of one (N + 1, D) buffer. The active
+member trains in place in its row through parameter-shaped leaf views, whose gradients are
+views of one flat buffer, so the optimizer sees ordinary per-parameter tensors, exactly as in
+FedAvg. A step mixes the members with one matrix-vector product into a preallocated soup
+buffer, runs the model with ``torch.func.functional_call`` on views of that buffer, and
+copies alpha_k times the soup's gradient onto the active member (d f_s / d f_k = alpha_k I).
+The regulariser gradient is closed form: a sum of terms c_i * (f_k - row_i), i.e. one more
+matrix-vector product over the same rows. No D-sized tensor is allocated per step (on CPU a
+fresh 45 MB tensor costs more in page faults than the arithmetic), and autograd never sees
+the pool. Extra work per step is O(N * D) elementwise, next to a forward and backward pass.
+
+Randomness: batch order comes from ``torch.Generator().manual_seed(seed)``, exactly as in
+FedAvgTrainer (N = 1 with both lambdas 0 is FedAvg, bit for bit); interpolation weights come
+from a second generator seeded from ``seed``. Same seed and inputs give bit-identical
+weights on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+AFFINITIES = ("l2", "sq_l2")
+DIVERSITIES = ("l2", "volume")
+
+
+# --- flat parameter vectors -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each named parameter lives in a flat vector: concatenated in ``names`` order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def of(cls, named: list[tuple[str, Tensor]]) -> FlatLayout:
+        return cls(tuple(n for n, _ in named), tuple(t.shape for _, t in named))
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def dim(self) -> int:
+        return sum(self.numels)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Parameter-shaped views of ``flat``: writing into them writes into ``flat``."""
+        return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes, strict=True)]
+
+    def flatten(self, tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors], out=out)
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters of the last ``nn.Linear`` in registration order: the head."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"exclude_head: {type(model).__name__} has no nn.Linear layer")
+    prefix, module = linears[-1]
+    return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+
+
+# --- the pool ---------------------------------------------------------------------------------
+
+
+class Pool:
+    """f_p and the N members of one round as the rows of one (N + 1, D) buffer.
+
+    Row 0 is f_p, row i the i-th member. Finished members are frozen (only ever read). The
+    active member trains in place in the next row: ``start_member`` returns parameter-shaped
+    leaf views of that row for the optimizer, with gradients that are views of ``grad``.
+    """
+
+    def __init__(self, layout: FlatLayout, capacity: int, like: Tensor) -> None:
+        self.layout = layout
+        self.rows = like.new_empty(capacity + 1, layout.dim)
+        self.grad = like.new_zeros(layout.dim)
+        self.size = 0  # finished members
+        self.active_params: list[Tensor] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.rows.shape[0] - 1
+
+    @property
+    def anchor(self) -> Tensor:
+        return self.rows[0]
+
+    @property
+    def frozen(self) -> Tensor:
+        return self.rows[1 : self.size + 1]
+
+    @property
+    def active(self) -> Tensor:
+        return self.rows[self.size + 1]
+
+    @torch.no_grad()
+    def start_member(self) -> list[Tensor]:
+        """Put the next member at the pool average (f_p for the first) and make it trainable."""
+        if self.active_params:
+            raise RuntimeError("a member is already training")
+        if self.size == self.capacity:
+            raise RuntimeError(f"the pool is full ({self.capacity} members)")
+        if self.size == 0:
+            self.active.copy_(self.anchor)
+        else:
+            torch.mean(self.frozen, dim=0, out=self.active)
+        params = [v.requires_grad_() for v in self.layout.views(self.active)]
+        for p, g in zip(params, self.layout.views(self.grad), strict=True):
+            p.grad = g
+        self.active_params = params
+        return params
+
+    def finish_member(self) -> None:
+        """Freeze the active member."""
+        for p in self.active_params:
+            p.grad = None
+            p.requires_grad_(False)
+        self.active_params = []
+        self.size += 1
+
+    def average(self) -> Tensor:
+        """Uniform average of the finished members: the soup the silo uploads."""
+        return self.frozen.mean(dim=0)
+
+
+# --- the pieces of one step, as plain functions -----------------------------------------------
+
+
+def sample_alphas(k: int, samples: int, generator: torch.Generator) -> Tensor:
+    """(samples, k) float64 interpolation weights, uniform on the simplex (Dirichlet(1, ..., 1)).
+
+    Normalised Exp(1) draws, as in the reference. With one member every draw is [1], so one row
+    is returned and nothing is drawn.
+    """
+    if k == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    e = torch.empty(samples, k, dtype=torch.float64).exponential_(generator=generator)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def interpolate(members: Tensor, alpha: Tensor, out: Tensor) -> Tensor:
+    """out = sum_i alpha_i * members[i]: one read of the frozen rows, no autograd."""
+    if len(alpha) == 1:
+        return torch.mul(members[0], float(alpha[0]), out=out)
+    frozen, active = members[:-1], members[-1]
+    return torch.addmv(active, frozen.t(), alpha[:-1].to(members), beta=float(alpha[-1]), out=out)
+
+
+@torch.no_grad()
+def sq_distances(a: Tensor, points: Tensor, weight: Tensor | None, scratch: Tensor) -> Tensor:
+    """Squared RMS distances ||w * (a - p)||^2 / D to each row p of ``points``: float64, CPU."""
+    sq = []
+    for p in points:
+        torch.sub(a, p, out=scratch)
+        if weight is not None:
+            scratch.mul_(weight)
+        sq.append(torch.dot(scratch, scratch))
+    if not sq:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack(sq).double().cpu() / a.numel()
+
+
+def pairwise_sq_distances(points: Tensor, weight: Tensor | None, scratch: Tensor) -> Tensor:
+    """(m, m) squared RMS distances among the rows of ``points``: float64, CPU."""
+    if len(points) == 0:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    return torch.stack([sq_distances(p, points, weight, scratch) for p in points])
+
+
+def simplex_sq_volume(sq_dists: Tensor) -> Tensor:
+    """Squared volume of the simplex whose vertices have pairwise squared distances ``sq_dists``.
+
+    Cayley-Menger: for n vertices, V^2 = (-1)^n det(CM) / (2^(n-1) ((n-1)!)^2), where CM is
+    ``sq_dists`` bordered by a row and a column of ones with a zero corner.
+    """
+    n = sq_dists.shape[0]
+    corner = torch.zeros(n + 1, n + 1, dtype=sq_dists.dtype)
+    corner[0, 0] = 1.0
+    cm = F.pad(sq_dists, (1, 0, 1, 0), value=1.0) - corner
+    return (-1) ** n * torch.linalg.det(cm) / (2 ** (n - 1) * math.factorial(n - 1) ** 2)
+
+
+def affinity_term(sq_dist: float, kind: str) -> tuple[float, float]:
+    """(value, d value / d sq_dist) of the distance to f_p."""
+    if kind == "sq_l2":
+        return sq_dist, 1.0
+    d = math.sqrt(sq_dist)
+    return d, (0.5 / d if d > 0 else 0.0)
+
+
+def diversity_term(sq_to_frozen: Tensor, frozen_sq: Tensor, kind: str) -> tuple[float, Tensor]:
+    """(value, d value / d sq_to_frozen) of the diversity of the active member.
+
+    ``sq_to_frozen``: (m,) squared distances from the active member to the m frozen ones;
+    ``frozen_sq``: (m, m) squared distances among the frozen members (only "volume" reads it).
+    """
+    if kind == "l2":
+        d = sq_to_frozen.sqrt()
+        coefs = torch.where(d > 0, 0.5 / (len(d) * d), torch.zeros_like(d))
+        return float(d.mean()), coefs
+    # volume: the simplex of all k = m + 1 members, differentiated through the tiny k x k
+    # Cayley-Menger matrix only.
+    s = sq_to_frozen.detach().clone().requires_grad_()
+    top = torch.cat([s.new_zeros(1), s]).unsqueeze(0)  # the active member is vertex 0
+    full = torch.cat([top, torch.cat([s.unsqueeze(1), frozen_sq], dim=1)])
+    v2 = simplex_sq_volume(full)
+    if v2 <= 0:  # degenerate simplex: the kink of sqrt, take the zero subgradient
+        return 0.0, torch.zeros_like(sq_to_frozen)
+    v = v2.sqrt()
+    (coefs,) = torch.autograd.grad(v, s)
+    return float(v.detach()), coefs
+
+
+@torch.no_grad()
+def add_distance_grad(
+    grad: Tensor, rows: Tensor, coefs: Tensor, weight_sq: Tensor | None, scratch: Tensor
+) -> None:
+    """grad += sum_i coefs[i] * d sq_dist(a, rows[i]) / da, where a = rows[-1].
+
+    d sq_dist(a, p) / da = 2 w^2 (a - p) / D, and sum_i c_i (a - p_i) = (sum_i c_i) a - sum_i
+    c_i p_i is one matrix-vector product over the rows, a included.
+    """
+    c = torch.cat([-coefs, coefs.sum().reshape(1)]).to(rows)
+    scale = 2.0 / rows.shape[1]
+    if weight_sq is None:
+        grad.addmv_(rows.t(), c, alpha=scale)
+    else:
+        torch.mv(rows.t(), c, out=scratch)
+        grad.add_(scratch.mul_(weight_sq), alpha=scale)
+
+
+def regulariser(
+    rows: Tensor,
+    frozen_sq: Tensor,
+    *,
+    lambda_a: float,
+    lambda_d: float,
+    affinity: str,
+    diversity: str,
+    weight: Tensor | None,
+    weight_sq: Tensor | None,
+    grad: Tensor,
+    scratch: Tensor,
+) -> float:
+    """lambda_a * affinity(f_k, f_p) - lambda_d * diversity(f_k, frozen); its gradient -> grad.
+
+    ``rows`` = [f_p, f_1, ..., f_{k-1}, f_k] (k + 1, D); the gradient is with respect to f_k.
+    """
+    k = rows.shape[0] - 1
+    if lambda_d == 0 or k == 1:
+        rows = rows[0 : k + 1 : k]  # f_p and f_k only: a strided view, no copy
+    a, points = rows[-1], rows[:-1]
+    sq = sq_distances(a, points, weight, scratch)
+    value_a, coef_a = affinity_term(float(sq[0]), affinity)
+    value, coefs = lambda_a * value_a, torch.tensor([lambda_a * coef_a], dtype=torch.float64)
+    if len(points) > 1:
+        value_d, coef_d = diversity_term(sq[1:], frozen_sq, diversity)
+        value, coefs = value - lambda_d * value_d, torch.cat([coefs, -lambda_d * coef_d])
+    add_distance_grad(grad, rows, coefs, weight_sq, scratch)
+    return value
+
+
+def importance_weights(
+    model: nn.Module, names: list[str], x: Tensor, y: Tensor, batch_size: int
+) -> Tensor:
+    """Flat per-parameter weights: sqrt(mean squared batch gradient at the current weights).
+
+    Clamped to [1e-8, 1e8] (reference), then scaled to RMS 1 (so that the lambdas keep their
+    meaning). The forward passes run in train mode on copies of the buffers: BatchNorm running
+    statistics do not move.
+    """
+    params = dict(model.named_parameters())
+    chosen = [params[n] for n in names]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    sq = [torch.zeros_like(p) for p in chosen]
+    count = 0
+    for idx in torch.arange(len(x), device=x.device).split(batch_size):
+        loss = F.cross_entropy(functional_call(model, buffers, (x[idx],)), y[idx])
+        grads = torch.autograd.grad(loss, chosen, allow_unused=True)
+        for s, g in zip(sq, grads, strict=True):
+            if g is not None:
+                s.addcmul_(g, g)
+        count += 1
+    w = FlatLayout.of(list(zip(names, chosen, strict=True))).flatten(sq)
+    w = w.div_(max(count, 1)).sqrt_().clamp_(1e-8, 1e8)
+    return w.div_(w.square().mean().sqrt())
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundState:
+    """Everything LSS holds during one round, besides the model and the optimizer."""
+
+    layout: FlatLayout  # the pooled parameters
+    pool: Pool
+    # f_s, flat, rewritten before every forward pass. Between a backward pass and the next
+    # interpolation its contents are dead, so the regulariser uses it as scratch space.
+    soup: Tensor
+    soup_params: list[Tensor]  # leaf views of ``soup``: what the forward pass sees
+    head: dict[str, Tensor]  # the shared head (empty unless exclude_head)
+    weight: Tensor | None  # importance weights w, and w^2
+    weight_sq: Tensor | None
+    frozen_sq: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
+
+
+@dataclass
+class LSSTrainer:
+    """Local Superior Soups; see the module docstring. One epoch = one pass over the local data.
+
+    Defaults: the paper uses Adam 5e-4, batch 64, N = 4, 8 epochs per member, lambda 3 on raw
+    L2 distances. lr/batch_size follow FedAvgTrainer's defaults; epochs_per_member = 1 suits
+    the small embedded task. The lambdas are starting values only, to be set by a sweep on the
+    project's tasks: on RMS distances lambda 3 barely registers for SmallCNN on the embedded
+    digits (one silo, one round from scratch), 10 is visible (soup drift 0.010 -> 0.008), 30
+    costs accuracy and 100 stops learning. With RMS distances the *value* of each term is
+    size-free but its gradient norm is lambda / sqrt(D), while the loss's gradient does not
+    shrink with D: at initialisation lambda = 1 gives a regulariser gradient of ~1% of the
+    loss gradient per weight on SmallCNN (D = 39k) and ~0.001% on ResNet-18 (D = 11M), so
+    larger models will want larger lambdas.
+    """
+
+    pool_size: int = 4
+    epochs_per_member: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lambda_a: float = 10.0  # starting values, see above
+    lambda_d: float = 10.0
+    affinity: str = "l2"  # "l2" (paper) or "sq_l2" (authors' code)
+    diversity: str = "l2"  # "l2" (paper, mean distance to the frozen members) or "volume"
+    importance: bool = False  # gradient-based per-parameter weights in every distance
+    exclude_head: bool = False  # last nn.Linear: one shared copy, not pooled
+    interp_samples: int = 1  # alpha draws per batch, loss averaged (reference: 2)
+    amp: bool = False  # bfloat16 autocast for the forward pass; CUDA only, ignored on CPU
+
+    def __post_init__(self) -> None:
+        for name in ("pool_size", "epochs_per_member", "batch_size", "interp_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"lss: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lambda_a", "lambda_d"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"lss: {name} must be >= 0, got {getattr(self, name)}")
+        if self.affinity not in AFFINITIES:
+            raise ValueError(f"lss: affinity {self.affinity!r} not in {AFFINITIES}")
+        if self.diversity not in DIVERSITIES:
+            raise ValueError(f"lss: diversity {self.diversity!r} not in {DIVERSITIES}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"lss: unknown optimizer {self.optimizer!r}; known: adam, sgd")
+
+    def train(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
+    ) -> dict[str, float]:
+        from lssfl.silo.trainers import batches  # trainers.py imports this module
+
+        batch_generator = torch.Generator().manual_seed(seed)  # the same draws as FedAvg
+        alpha_generator = torch.Generator().manual_seed(_alpha_seed(seed))
+        model.train()
+        state = self.prepare(model, x, y)
+        ce_total, reg_total, seen, steps = 0.0, 0.0, 0, 0
+        for _ in range(self.pool_size):
+            opt = self.start_member(state)
+            k = state.pool.size + 1
+            for _ in range(self.epochs_per_member):
+                for idx in batches(len(x), self.batch_size, batch_generator, x.device):
+                    alphas = sample_alphas(k, self.interp_samples, alpha_generator)
+                    ce, reg = self.step(model, state, opt, x[idx], y[idx], alphas)
+                    ce_total += ce * len(idx)
+                    reg_total += reg
+                    seen += len(idx)
+                    steps += 1
+            state.pool.finish_member()
+        soup = self.load_result(model, state)
+        drift = sq_distances(soup, state.pool.anchor[None], None, state.soup)
+        return {
+            "train_loss": ce_total / max(seen, 1),
+            "reg_loss": reg_total / max(steps, 1),
+            "distance_to_global": math.sqrt(float(drift[0])),
+        }
+
+    def prepare(self, model: nn.Module, x: Tensor, y: Tensor) -> RoundState:
+        """Copy f_p into a fresh pool and allocate the per-round buffers."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        head_names = set(head_parameter_names(model)) if self.exclude_head else set()
+        pooled = [(n, p) for n, p in named if n not in head_names]
+        if not pooled:
+            raise ValueError("lss: the model has no trainable parameters outside the head")
+        layout = FlatLayout.of(pooled)
+        pool = Pool(layout, self.pool_size, pooled[0][1])
+        layout.flatten([p.detach() for _, p in pooled], out=pool.anchor)
+        soup = torch.empty_like(pool.anchor)
+        weight = None
+        if self.importance:
+            weight = importance_weights(model, list(layout.names), x, y, self.batch_size)
+        return RoundState(
+            layout=layout,
+            pool=pool,
+            soup=soup,
+            soup_params=[v.requires_grad_() for v in layout.views(soup)],
+            head={n: p.detach().clone().requires_grad_() for n, p in named if n in head_names},
+            weight=weight,
+            weight_sq=None if weight is None else weight * weight,
+        )
+
+    def start_member(self, state: RoundState) -> torch.optim.Optimizer:
+        """Start the next member; each member gets a fresh optimizer (so does the shared head)."""
+        from lssfl.silo.trainers import make_optimizer  # trainers.py imports this module
+
+        pool = state.pool
+        if self.diversity == "volume":  # fixed while this member trains
+            state.frozen_sq = pairwise_sq_distances(pool.frozen, state.weight, state.soup)
+        params = pool.start_member()
+        return make_optimizer(
+            self.optimizer,
+            params + list(state.head.values()),
+            self.lr,
+            self.momentum,
+            self.weight_decay,
+        )
+
+    def step(
+        self,
+        model: nn.Module,
+        state: RoundState,
+        opt: torch.optim.Optimizer,
+        x: Tensor,
+        y: Tensor,
+        alphas: Tensor,
+    ) -> tuple[float, float]:
+        """One update of the active member on (x, y); ``alphas`` (samples, k). -> (CE, reg)."""
+        pool = state.pool
+        k = pool.size + 1
+        members = pool.rows[1 : k + 1]
+        for h in state.head.values():
+            h.grad = None
+        autocast = torch.autocast(
+            x.device.type, dtype=torch.bfloat16, enabled=self.amp and x.device.type == "cuda"
+        )
+        ce = 0.0
+        for s, alpha in enumerate(alphas):
+            interpolate(members, alpha, out=state.soup)
+            params = dict(zip(state.layout.names, state.soup_params, strict=True))
+            with autocast:
+                logits = functional_call(model, params | state.head, (x,))
+            loss = F.cross_entropy(logits.float(), y)
+            (loss / len(alphas)).backward()
+            _move_grad(state.soup_params, pool.active_params, float(alpha[-1]), first=s == 0)
+            ce += loss.item()
+        reg = 0.0
+        if self.lambda_a or (self.lambda_d and k > 1):
+            reg = regulariser(
+                pool.rows[: k + 1],
+                state.frozen_sq,
+                lambda_a=self.lambda_a,
+                lambda_d=self.lambda_d,
+                affinity=self.affinity,
+                diversity=self.diversity,
+                weight=state.weight,
+                weight_sq=state.weight_sq,
+                grad=pool.grad,
+                scratch=state.soup,  # free until the next interpolation
+            )
+        opt.step()
+        return ce / len(alphas), reg
+
+    @torch.no_grad()
+    def load_result(self, model: nn.Module, state: RoundState) -> Tensor:
+        """Write the pool average (and the shared head) into ``model``; return the flat soup."""
+        soup = state.pool.average()
+        params = dict(model.named_parameters())
+        for name, v in zip(state.layout.names, state.layout.views(soup), strict=True):
+            params[name].copy_(v)
+        for name, h in state.head.items():
+            params[name].copy_(h)
+        return soup
+
+
+@torch.no_grad()
+def _move_grad(
+    soup_params: list[Tensor], active: list[Tensor], alpha_k: float, first: bool
+) -> None:
+    """active.grad (+)= alpha_k * soup.grad, parameter by parameter; clears the soup's grads."""
+    for s, a in zip(soup_params, active, strict=True):
+        if s.grad is None:  # parameter unused by the forward pass
+            if first:
+                a.grad.zero_()
+            continue
+        if first:
+            torch.mul(s.grad, alpha_k, out=a.grad)
+        else:
+            a.grad.add_(s.grad, alpha=alpha_k)
+        s.grad = None
+
+
+def _alpha_seed(seed: int) -> int:
+    """A second stream from the round seed (one LCG step), so alphas leave batch order alone."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**64

@@ -1,0 +1,448 @@
+"""Tests for Local Superior Soups (lssfl.silo.lss): each invariant of the spec, on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lssfl.common.models import MLP, SmallCNN
+from lssfl.silo.lss import (
+    FlatLayout,
+    LSSTrainer,
+    Pool,
+    RoundState,
+    diversity_term,
+    head_parameter_names,
+    importance_weights,
+    interpolate,
+    pairwise_sq_distances,
+    regulariser,
+    sample_alphas,
+    simplex_sq_volume,
+    sq_distances,
+)
+from lssfl.silo.trainers import FedAvgTrainer
+
+torch.set_num_threads(1)
+
+
+def _data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN(width=8) if kind == "cnn" else MLP(hidden=16)
+
+
+def _flat(model: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    return torch.cat([params[n].detach().reshape(-1) for n in names])
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class Recorder(LSSTrainer):
+    """LSSTrainer that snapshots the pool before every step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.log: list[dict] = []
+        self.state: RoundState | None = None
+
+    def step(self, model, state, opt, x, y, alphas):  # type: ignore[override]
+        self.state = state
+        self.log.append(
+            {
+                "size": state.pool.size,
+                "rows": state.pool.rows[: state.pool.size + 2].clone(),
+                "alphas": alphas.clone(),
+                "head": {n: h.detach().clone() for n, h in state.head.items()},
+            }
+        )
+        return super().step(model, state, opt, x, y, alphas)
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+
+def test_sample_alphas_on_the_simplex() -> None:
+    for k in (2, 3, 5):
+        a = sample_alphas(k, 3, torch.Generator().manual_seed(1))
+        assert a.shape == (3, k) and a.dtype == torch.float64
+        assert (a >= 0).all()
+        torch.testing.assert_close(a.sum(dim=1), torch.ones(3, dtype=torch.float64))
+    same = sample_alphas(4, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(same, sample_alphas(4, 2, torch.Generator().manual_seed(1)))
+    assert not torch.equal(same, sample_alphas(4, 2, torch.Generator().manual_seed(2)))
+    # Dirichlet(1,...,1): each weight has mean 1/k
+    many = sample_alphas(4, 4000, torch.Generator().manual_seed(3))
+    assert (many.mean(dim=0) - 0.25).abs().max() < 0.02
+
+
+def test_one_member_draws_nothing() -> None:
+    g = torch.Generator().manual_seed(1)
+    before = g.get_state()
+    assert torch.equal(sample_alphas(1, 3, g), torch.ones(1, 1, dtype=torch.float64))
+    assert torch.equal(g.get_state(), before)
+
+
+def test_interpolate() -> None:
+    members = torch.randn(4, 10, dtype=torch.float64)
+    alpha = sample_alphas(4, 1, torch.Generator().manual_seed(0))[0]
+    out = torch.empty(10, dtype=torch.float64)
+    interpolate(members, alpha, out)
+    torch.testing.assert_close(out, alpha @ members)
+    interpolate(members[:1], torch.ones(1, dtype=torch.float64), out)
+    assert torch.equal(out, members[0])
+
+
+def _pool(capacity: int = 3) -> Pool:
+    layout = FlatLayout(("w", "b"), (torch.Size([2, 3]), torch.Size([3])))
+    pool = Pool(layout, capacity, torch.zeros(1))
+    pool.anchor.copy_(torch.arange(9.0))
+    return pool
+
+
+def test_pool_members_start_at_the_pool_average() -> None:
+    pool = _pool()
+    params = pool.start_member()
+    assert torch.equal(pool.active, pool.anchor)  # member 1 starts at f_p
+    assert [p.shape for p in params] == [torch.Size([2, 3]), torch.Size([3])]
+    assert all(p.is_leaf and p.requires_grad for p in params)
+    params[1].grad.fill_(7.0)  # gradients are views of the flat buffer
+    assert torch.equal(pool.grad[6:], torch.full((3,), 7.0))
+    with torch.no_grad():
+        params[0].add_(1.0)  # trains in place in its row
+    assert torch.equal(pool.rows[1, :6], torch.arange(6.0) + 1)
+    pool.finish_member()
+    assert not params[0].requires_grad and params[0].grad is None
+    pool.start_member()
+    with torch.no_grad():
+        pool.active.add_(torch.randn(9))
+    pool.finish_member()
+    pool.start_member()
+    torch.testing.assert_close(pool.active, pool.rows[1:3].mean(dim=0))
+    pool.finish_member()
+    with pytest.raises(RuntimeError):
+        pool.start_member()
+    torch.testing.assert_close(pool.average(), pool.rows[1:].mean(dim=0))
+
+
+def test_simplex_volume() -> None:
+    def sq(points: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(points, points).square()
+
+    seg = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(simplex_sq_volume(sq(seg)).sqrt(), torch.tensor(5.0).double())
+    tri = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(simplex_sq_volume(sq(tri)).sqrt(), torch.tensor(6.0).double())
+    tet = torch.cat([torch.zeros(1, 3), torch.eye(3)]).double()
+    torch.testing.assert_close(simplex_sq_volume(sq(tet)).sqrt(), torch.tensor(1 / 6).double())
+
+
+def test_distances_are_rms_and_weighted() -> None:
+    a = torch.randn(20, dtype=torch.float64)
+    points = torch.randn(3, 20, dtype=torch.float64)
+    w = torch.rand(20, dtype=torch.float64) + 0.5
+    scratch = torch.empty(20, dtype=torch.float64)
+    expected = ((a - points) * w).square().mean(dim=1)
+    torch.testing.assert_close(sq_distances(a, points, w, scratch), expected)
+    # the volume of a triangle from RMS distances in R^2 is the true area / 2
+    tri = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    s = sq_distances(tri[0], tri[1:], None, torch.empty(2, dtype=torch.float64))
+    frozen = sq_distances(tri[1], tri[2:], None, torch.empty(2, dtype=torch.float64))
+    frozen_sq = torch.tensor([[0.0, float(frozen[0])], [float(frozen[0]), 0.0]]).double()
+    value, _ = diversity_term(s, frozen_sq, "volume")
+    assert value == pytest.approx(3.0)
+    value, _ = diversity_term(s, frozen_sq, "l2")
+    assert value == pytest.approx((3 + 4) / 2 / math.sqrt(2))
+
+
+def _regularise(
+    rows: torch.Tensor, weight: torch.Tensor | None, **kw
+) -> tuple[float, torch.Tensor]:
+    d = rows.shape[1]
+    scratch = torch.empty(d, dtype=rows.dtype)
+    frozen_sq = pairwise_sq_distances(rows[1:-1], weight, scratch)
+    grad = torch.zeros(d, dtype=rows.dtype)
+    value = regulariser(
+        rows,
+        frozen_sq,
+        weight=weight,
+        weight_sq=None if weight is None else weight * weight,
+        grad=grad,
+        scratch=scratch,
+        **kw,
+    )
+    return value, grad
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("affinity", ["l2", "sq_l2"])
+@pytest.mark.parametrize("diversity", ["l2", "volume"])
+@pytest.mark.parametrize("importance", [False, True])
+@pytest.mark.parametrize("lambdas", [(1.3, 0.7), (0.0, 0.9), (1.1, 0.0)])
+def test_regulariser_gradient_matches_finite_differences(
+    k: int, affinity: str, diversity: str, importance: bool, lambdas: tuple[float, float]
+) -> None:
+    g = torch.Generator().manual_seed(k)
+    d = 12
+    rows = torch.randn(k + 1, d, generator=g, dtype=torch.float64)
+    weight = torch.rand(d, generator=g, dtype=torch.float64) + 0.5 if importance else None
+    kw = dict(lambda_a=lambdas[0], lambda_d=lambdas[1], affinity=affinity, diversity=diversity)
+    _, grad = _regularise(rows, weight, **kw)
+    h = 1e-6
+    numeric = torch.empty(d, dtype=torch.float64)
+    for j in range(d):
+        up, down = rows.clone(), rows.clone()
+        up[-1, j] += h
+        down[-1, j] -= h
+        numeric[j] = _regularise(up, weight, **kw)[0] - _regularise(down, weight, **kw)[0]
+    numeric /= 2 * h
+    if lambdas == (0.0, 0.9) and k == 1:
+        assert grad.abs().max() == 0  # nothing to regularise
+    else:
+        assert grad.abs().max() > 1e-3
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_zero_distances_give_finite_zero_gradients() -> None:
+    f1 = torch.randn(8, dtype=torch.float64)
+    f2 = torch.randn(8, dtype=torch.float64)
+    # member 2 starts as a copy of member 1 (and member 1 as a copy of f_p): distance 0
+    for diversity in ("l2", "volume"):
+        _, grad = _regularise(
+            torch.stack([f1, f1, f1]), None, lambda_a=1.0, lambda_d=1.0, affinity="l2",
+            diversity=diversity,
+        )  # fmt: skip
+        assert torch.equal(grad, torch.zeros(8, dtype=torch.float64))
+    # member 3 starts at the midpoint of members 1 and 2: a flat simplex, finite gradient
+    rows = torch.stack([f1, f1, f2, (f1 + f2) / 2])
+    _, grad = _regularise(rows, None, lambda_a=0.0, lambda_d=1.0, affinity="l2", diversity="volume")
+    assert torch.isfinite(grad).all()
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def test_training_invariants() -> None:
+    model = _model("mlp")
+    x, y = _data()
+    initial = copy.deepcopy(model)
+    trainer = Recorder(pool_size=3, batch_size=16, interp_samples=2)
+    trainer.train(model, x, y, seed=0)
+    state = trainer.state
+    assert state is not None
+    final_rows = state.pool.rows
+    assert torch.equal(final_rows[0], _flat(initial, state.layout.names))  # row 0 is f_p
+    assert len(trainer.log) == 3 * 4
+    for i, entry in enumerate(trainer.log):
+        k, rows, alphas = entry["size"] + 1, entry["rows"], entry["alphas"]
+        # alphas: over the k current members, non-negative, sum to 1
+        assert alphas.shape[1] == k and (alphas >= 0).all()
+        torch.testing.assert_close(alphas.sum(dim=1), torch.ones(len(alphas)).double())
+        # frozen members never change while a later member trains
+        assert torch.equal(rows[1:k], final_rows[1:k])
+        first = i == 0 or trainer.log[i - 1]["size"] != entry["size"]
+        if first:  # a new member starts at the pool average (member 1 at f_p)
+            start = rows[0] if k == 1 else rows[1:k].mean(dim=0)
+            torch.testing.assert_close(rows[k], start, rtol=0, atol=1e-7)
+            assert not torch.equal(rows[k], final_rows[k])  # and then trains
+    # the upload is the uniform average of the members
+    result = _flat(model, state.layout.names)
+    assert torch.equal(result, state.pool.average())
+    torch.testing.assert_close(result, final_rows[1:].double().mean(dim=0).float())
+    for member in final_rows[1:]:
+        assert (result - member).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("affinity,diversity", [("l2", "l2"), ("sq_l2", "volume")])
+def test_step_matches_an_autograd_reference(affinity: str, diversity: str) -> None:
+    """One step against the loss written out naively: soup of 3 members, 2 alpha draws."""
+    model = _model("mlp")
+    x, y = _data(16)
+    lr, lambda_a, lambda_d = 0.1, 2.0, 1.5
+    trainer = LSSTrainer(
+        pool_size=3,
+        optimizer="sgd",
+        lr=lr,
+        momentum=0.0,
+        lambda_a=lambda_a,
+        lambda_d=lambda_d,
+        affinity=affinity,
+        diversity=diversity,
+        interp_samples=2,
+    )
+    state = trainer.prepare(model, x, y)
+    g = torch.Generator().manual_seed(0)
+    d = state.layout.dim
+    for member in range(3):
+        opt = trainer.start_member(state)
+        with torch.no_grad():
+            state.pool.active.add_(torch.randn(d, generator=g), alpha=0.05)
+        if member < 2:
+            state.pool.finish_member()
+    rows = state.pool.rows.clone()
+    alphas = sample_alphas(3, 2, g)
+    trainer.step(model, state, opt, x, y, alphas)
+
+    f = rows[3].clone().requires_grad_()
+    ce = 0.0
+    for a in alphas.float():
+        soup = a[0] * rows[1] + a[1] * rows[2] + a[2] * f
+        params = dict(zip(state.layout.names, state.layout.views(soup), strict=True))
+        ce = ce + F.cross_entropy(functional_call(model, params, (x,)), y) / len(alphas)
+
+    def dist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (u - v).norm() / math.sqrt(d)
+
+    affinity_value = dist(f, rows[0]) if affinity == "l2" else dist(f, rows[0]) ** 2
+    if diversity == "l2":
+        diversity_value = (dist(f, rows[1]) + dist(f, rows[2])) / 2
+    else:  # area of the triangle of the three members (Heron)
+        a, b, c = dist(f, rows[1]), dist(f, rows[2]), dist(rows[1], rows[2])
+        s = (a + b + c) / 2
+        diversity_value = (s * (s - a) * (s - b) * (s - c)).sqrt()
+    (ce + lambda_a * affinity_value - lambda_d * diversity_value).backward()
+    torch.testing.assert_close(state.pool.active, rows[3] - lr * f.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(state.pool.rows[:3], rows[:3])
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_one_member_without_regulariser_is_fedavg(kind: str, optimizer: str) -> None:
+    x, y = _data()
+    a, b = _model(kind), _model(kind)
+    common = dict(batch_size=16, lr=1e-2, optimizer=optimizer)
+    FedAvgTrainer(epochs=2, **common).train(a, x, y, seed=3)
+    LSSTrainer(pool_size=1, epochs_per_member=2, lambda_a=0, lambda_d=0, **common).train(
+        b, x, y, seed=3
+    )
+    assert _same_state(a, b)
+    assert not _same_state(a, _model(kind))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"interp_samples": 2, "importance": True, "diversity": "volume", "exclude_head": True}],
+)
+def test_deterministic(options: dict) -> None:
+    x, y = _data()
+    runs = []
+    for seed in (5, 5, 6):
+        model = _model("cnn")
+        LSSTrainer(pool_size=3, batch_size=16, **options).train(model, x, y, seed=seed)
+        runs.append(model)
+    assert _same_state(runs[0], runs[1])
+    assert not _same_state(runs[0], runs[2])
+
+
+def test_batchnorm_buffers_follow_the_interpolated_passes() -> None:
+    x, y = _data()
+    model = _model("cnn")
+    before = model.features[1].running_mean.clone()
+    metrics = LSSTrainer(pool_size=2, batch_size=16, interp_samples=2).train(model, x, y, seed=0)
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["reg_loss"])
+    # member 1: 4 steps x 1 pass (one member, one draw); member 2: 4 steps x 2 passes
+    assert int(model.features[1].num_batches_tracked) == 4 + 8
+    assert not torch.equal(model.features[1].running_mean, before)
+
+
+def test_model_without_batchnorm() -> None:
+    x, y = _data()
+    model = _model("mlp")
+    initial = copy.deepcopy(model)
+    metrics = LSSTrainer(pool_size=2, batch_size=16).train(model, x, y, seed=0)
+    assert metrics["distance_to_global"] > 0
+    assert not _same_state(model, initial)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_head_identification() -> None:
+    assert head_parameter_names(SmallCNN()) == ["head.3.weight", "head.3.bias"]
+    assert head_parameter_names(MLP()) == ["net.3.weight", "net.3.bias"]
+    assert head_parameter_names(nn.Linear(3, 2)) == ["weight", "bias"]
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        head_parameter_names(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_exclude_head() -> None:
+    x, y = _data()
+    model = _model("cnn")
+    initial = copy.deepcopy(model)
+    trainer = Recorder(pool_size=2, batch_size=16, exclude_head=True)
+    trainer.train(model, x, y, seed=0)
+    state = trainer.state
+    assert state is not None
+    head = ["head.3.weight", "head.3.bias"]
+    assert set(state.head) == set(head) and not set(head) & set(state.layout.names)
+    total = sum(p.numel() for p in model.parameters())
+    assert state.layout.dim == total - sum(state.head[n].numel() for n in head)
+    # one shared copy: member 2 starts from where member 1 left the head, not from f_p
+    start_2 = next(e for e in trainer.log if e["size"] == 1)["head"]
+    assert not torch.equal(start_2["head.3.weight"], dict(initial.named_parameters())[head[0]])
+    params = dict(model.named_parameters())
+    for n in head:
+        assert torch.equal(params[n], state.head[n])
+    result = _flat(model, state.layout.names)
+    torch.testing.assert_close(result, state.pool.rows[1:].mean(dim=0))
+
+
+def test_importance_weights() -> None:
+    x, y = _data()
+    model = _model("cnn")
+    initial = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    w = importance_weights(model, names, x, y, batch_size=16)
+    assert w.shape == (sum(p.numel() for p in model.parameters()),)
+    assert (w > 0).all() and torch.isfinite(w).all()
+    torch.testing.assert_close(w.square().mean(), torch.tensor(1.0))
+    assert w.std() > 0.1  # not uniform
+    assert _same_state(model, initial)  # BatchNorm statistics untouched
+
+
+def test_amp_is_ignored_on_cpu() -> None:
+    x, y = _data()
+    a, b = _model("cnn"), _model("cnn")
+    LSSTrainer(pool_size=2, batch_size=16).train(a, x, y, seed=0)
+    LSSTrainer(pool_size=2, batch_size=16, amp=True).train(b, x, y, seed=0)
+    assert _same_state(a, b)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"affinity": "cosine"},
+        {"diversity": "entropy"},
+        {"pool_size": 0},
+        {"interp_samples": 0},
+        {"lambda_d": -1.0},
+        {"optimizer": "lion"},
+    ],
+)
+def test_bad_options(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        LSSTrainer(**bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda(amp: bool) -> None:
+    x, y = _data()
+    model = _model("cnn").cuda()
+    metrics = LSSTrainer(pool_size=2, batch_size=16, amp=amp, importance=True).train(
+        model, x.cuda(), y.cuda(), seed=0
+    )
+    assert math.isfinite(metrics["train_loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
