@@ -11,6 +11,10 @@ EXAMPLES = {
     "coordinator": (
         "example:\n  lssfl coordinator --config configs/demo.yaml --run-dir runs/hospital-a"
     ),
+    "certs": (
+        "examples:\n  lssfl certs --out certs --silos silo-1 silo-2 --hosts fl.example.org\n"
+        "  lssfl certs --out certs --config configs/demo.yaml"
+    ),
     "silo": (
         "example:\n  lssfl silo --coordinator 10.0.0.5:50051 --silo-id silo-1 --data /data/silo-1"
     ),
@@ -47,12 +51,32 @@ def _parser() -> argparse.ArgumentParser:
     silo.add_argument("--silo-id", required=True, help="this silo's enrolled id")
     silo.add_argument("--data", required=True, type=Path, help="folder with data.safetensors")
     silo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    silo.add_argument("--ca", type=Path, help="CA certificate: connect with TLS")
+    silo.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
+    silo.add_argument("--key", type=Path, help="client private key (mutual TLS)")
+    silo.add_argument(
+        "--token-file", type=Path, help="file holding this silo's bearer token (lssfl certs)"
+    )
     silo.add_argument(
         "--max-wait",
         type=float,
         default=300.0,
         help="give up after the coordinator has been unreachable this many seconds (default 300)",
     )
+    certs = add(
+        "certs", "Make a demo CA, a coordinator certificate, per-silo certificates and tokens."
+    )
+    certs.add_argument("--out", required=True, type=Path, help="folder to write (security.dir)")
+    who = certs.add_mutually_exclusive_group(required=True)
+    who.add_argument("--silos", nargs="+", help="silo ids")
+    who.add_argument("--config", type=Path, help="take the silo ids from this run config")
+    certs.add_argument(
+        "--hosts", nargs="+", default=["localhost", "127.0.0.1"],
+        help="names and addresses silos dial (default: localhost 127.0.0.1)",
+    )  # fmt: skip
+    from lssfl.partition import register
+
+    register(sub)
     return parser
 
 
@@ -70,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(args.silo_id, args.verbose)
             try:
                 daemon = SiloDaemon.from_folder(
-                    args.coordinator, args.silo_id, args.data, args.device, max_wait_s=args.max_wait
+                    args.coordinator,
+                    args.silo_id,
+                    args.data,
+                    args.device,
+                    max_wait_s=args.max_wait,
+                    ca=args.ca,
+                    cert=args.cert,
+                    key=args.key,
+                    token_file=args.token_file,
                 )
                 daemon.run()
             except SiloRefused as exc:
@@ -79,6 +111,20 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail(str(exc), code=1)
             return 0
 
+        if args.command == "partition":
+            from lssfl.partition import run
+
+            setup_logging("partition", args.verbose)
+            return run(args)
+        if args.command == "certs":
+            from lssfl.common.security import make_certs
+
+            silos = args.silos or load_config(args.config).silos
+            make_certs(args.out, silos, args.hosts)
+            print(
+                f"wrote CA, coordinator and {len(silos)} silo certificates and tokens to {args.out}"
+            )
+            return 0
         cfg = load_config(args.config)
         if args.command == "coordinator":
             from lssfl.server.app import run_coordinator
