@@ -61,6 +61,17 @@ class ModelSection:
 
 
 @dataclass
+class SecuritySection:
+    # Folder with ca.pem, coordinator.pem/.key, tokens.json and per-silo files, as written by
+    # `lssfl certs`. `lssfl run` creates it when missing.
+    dir: str | None = None
+    tls: bool = False
+    mutual_tls: bool = False  # silos must present a certificate signed by ca.pem, CN = silo id
+    tokens: bool = False  # every RPC carries the silo's bearer token
+    revoked: list[str] = field(default_factory=list)  # silo ids refused even with a token
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     silos: list[str] = field(default_factory=list)
@@ -68,6 +79,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     trainer: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    security: SecuritySection = field(default_factory=SecuritySection)
     source: str = ""  # file it was read from; not a key
 
     @property
@@ -128,6 +140,11 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("silos lists a silo id twice")
     if not 1 <= cfg.coordinator.min_silos <= len(cfg.silos):
         raise ConfigError(f"coordinator.min_silos must be between 1 and {len(cfg.silos)}")
+    sec = cfg.security
+    if (sec.tls or sec.mutual_tls or sec.tokens) and not sec.dir:
+        raise ConfigError("security.dir must name the certificate folder when tls/tokens are on")
+    if sec.mutual_tls and not sec.tls:
+        raise ConfigError("security.mutual_tls needs security.tls")
     if cfg.data.kind not in ("embedded", "folders"):
         raise ConfigError(f"data.kind must be 'embedded' or 'folders', got {cfg.data.kind!r}")
     if cfg.model.init not in ("pretrain", "random"):

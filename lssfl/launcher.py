@@ -13,6 +13,7 @@ from typing import IO
 
 from lssfl.common.config import RunConfig
 from lssfl.common.dataroot import prepare_data_root
+from lssfl.common.security import CA_CERT, make_certs, silo_files
 from lssfl.report import COLUMNS, format_line, read_metrics, row, write_report
 from lssfl.server.app import ADDRESS_FILE
 
@@ -52,6 +53,20 @@ def _stop_all(procs: list[_Proc], grace_s: float = 5.0) -> None:
         p.close()
 
 
+def _security_args(cfg: RunConfig, silo: str) -> list[str]:
+    sec = cfg.security
+    folder = Path(sec.dir or ".")
+    cert, key, token = silo_files(folder, silo)
+    args = []
+    if sec.tls:
+        args += ["--ca", str(folder / CA_CERT)]
+    if sec.mutual_tls:
+        args += ["--cert", str(cert), "--key", str(key)]
+    if sec.tokens:
+        args += ["--token-file", str(token)]
+    return args
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
     base = Path(cfg.run.out_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, n = base, 1
@@ -66,6 +81,10 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     data = prepare_data_root(cfg)  # once, before several processes would race to make it
+    sec = cfg.security
+    if sec.dir and not Path(sec.dir).exists():
+        make_certs(Path(sec.dir), cfg.silos, ["localhost", cfg.coordinator.host])
+        print(f"made a demo CA, certificates and tokens in {sec.dir}", flush=True)
     env = dict(os.environ)
     # Several silos share this machine's cores: one thread each avoids oversubscription.
     silo_env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(cfg.silos)))}
@@ -91,7 +110,7 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
         print(f"coordinator: {address}; starting {len(cfg.silos)} silos", flush=True)
         for silo in cfg.silos:
             args = ["silo", "--coordinator", address, "--silo-id", silo]
-            args += ["--data", str(data.silo_dirs[silo])]
+            args += ["--data", str(data.silo_dirs[silo]), *_security_args(cfg, silo)]
             procs.append(_Proc(silo, args, logs / f"{silo}.log", silo_env))
 
         print(format_line(COLUMNS), flush=True)

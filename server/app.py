@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -24,10 +26,20 @@ ADDRESS_FILE = "coordinator.addr"
 
 def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> int:
     """Serve one run to the end. Returns the process exit code."""
-    if (run_dir / "metrics.jsonl").exists():
-        log.error("run folder %s already holds a run; choose another --run-dir", run_dir)
-        return 2
     store = RoundStore(run_dir)
+    identity = json.dumps(run_identity(cfg), sort_keys=True)
+    stored = store.get("identity")
+    if stored is None:
+        store.put(run_id=run_dir.name, identity=identity)
+    elif stored != identity:
+        changes = _differences(json.loads(stored), json.loads(identity))
+        log.error(
+            "run folder %s holds a run with a different config (%s); resuming it would mix "
+            "two experiments: restore the config or choose another --run-dir",
+            run_dir,
+            "; ".join(changes[:5]),
+        )
+        return 2
     store.save_config(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     data = prepare_data_root(cfg)
     test = load_split(data.test_dir)
@@ -38,7 +50,11 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
         return evaluate(model, test.x, test.y)
 
     coordinator = Coordinator(
-        cfg, store, initial_state(cfg, data.pretrain_dir), evaluate_state, run_id=run_dir.name
+        cfg,
+        store,
+        initial_state(cfg, data.pretrain_dir),
+        evaluate_state,
+        run_id=store.get("run_id"),
     )
     server, bound = serve(
         coordinator, cfg.coordinator.host, cfg.coordinator.port if port is None else port
@@ -58,5 +74,21 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
         return 1
     finally:
         server.stop(grace=2).wait()
+        store.close()
     log.info("run finished: %s", run_dir)
     return 0
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What a run's results depend on. Rounds, deadlines, ports and such may change on resume."""
+    d = config_to_dict(cfg)
+    return {k: d[k] for k in ("silos", "data", "model", "trainer")} | {"seed": cfg.run.seed}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

@@ -20,6 +20,7 @@ import grpc
 import torch
 
 from lssfl.common.config import RunConfig
+from lssfl.common.faults import crash_point
 from lssfl.common.seeding import derive_seed
 from lssfl.common.wire import WireError, decode_model, encode_model, raw_fp32_bytes
 from lssfl.proto import coordinator_pb2 as cpb
@@ -126,6 +127,7 @@ class Coordinator:
             self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
             self.meter.add(self._round, req.silo_id, DOWN, reply.ByteSize())
             self._cond.notify_all()
+        self.store.set_silo(req.silo_id, "joined", req.num_samples, req.device)
         log.info(
             "round=%d silo=%s %s (%d samples, %s, lssfl %s)",
             self._round,
@@ -191,13 +193,16 @@ class Coordinator:
 
         return stream()
 
-    def upload(self, chunks: Iterable[pb.ModelChunk]) -> cpb.UploadReply:
+    def upload(
+        self, chunks: Iterable[pb.ModelChunk], authorize: Callable[[str], None] = lambda s: None
+    ) -> cpb.UploadReply:
         it = iter(chunks)
         first = next(it, None)
         if first is None or first.WhichOneof("part") != "upload":
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header")
         head = first.upload
         silo, round_num = head.silo_id, head.round
+        authorize(silo)
         with self._cond:
             self._touch(silo)
             self._check_run(head.run_id)
@@ -308,17 +313,31 @@ class Coordinator:
             log.warning("starting without %s (join timeout passed)", ", ".join(missing))
 
     def run(self) -> None:
-        """Wait for silos, then run every round; returns when the run is over."""
+        """Wait for silos, then run every round not yet committed; returns at the end."""
         t0 = time.monotonic()
-        self.wait_for_silos()
-        acc, loss = self.evaluate(self.global_state)
-        self.store.save_checkpoint(0, self.global_state)
-        self._record(0, "initial", acc, loss, time.monotonic() - t0, [], [])
-        for round_num in range(1, self.cfg.run.rounds + 1):
+        last = self.store.last_round()
+        if last is None:
+            first = 1
+            self.wait_for_silos()
+            acc, loss = self.evaluate(self.global_state)
+            self._record(0, "initial", acc, loss, time.monotonic() - t0, [], [])
+        else:
+            done, state = last
+            problem = check_state(state, self.global_state)
+            if problem:
+                raise RuntimeError(f"checkpoint of round {done} does not fit the model: {problem}")
+            self.global_state = {k: state[k] for k in self.global_state}
+            self._round = first = done + 1
+            self.store.rewrite_metrics()
+            log.info("resuming run %s after committed round %d", self.run_id, done)
+            if first <= self.cfg.run.rounds:
+                self.wait_for_silos()
+        for round_num in range(first, self.cfg.run.rounds + 1):
             if self._stopping.is_set():
                 raise KeyboardInterrupt
             self.run_round(round_num)
         self.store.save_final(self.global_state, self.cfg.model_spec)
+        self.store.set_phase(self.cfg.run.rounds, "done")
         self._finish()
 
     def run_round(self, round_num: int) -> None:
@@ -336,7 +355,9 @@ class Coordinator:
             self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
             selected = sorted(self._selected)
             self._cond.notify_all()
-            log.info("round=%d opened for %s", round_num, ", ".join(selected))
+        self.store.set_phase(round_num, "train")
+        log.info("round=%d opened for %s", round_num, ", ".join(selected))
+        with self._cond:
             while not self._stopping.is_set() and not self._selected <= set(self._results):
                 left = self._deadline - time.monotonic()
                 if left <= 0:
@@ -349,6 +370,8 @@ class Coordinator:
         missing = sorted(set(selected) - {r.silo_id for r in results})
         if missing:
             log.warning("round=%d closed without %s", round_num, ", ".join(missing))
+        self.store.set_phase(round_num, "aggregate")
+        crash_point(f"aggregate:{round_num}")
         if len(results) >= self.cfg.coordinator.min_silos:
             self.global_state = weighted_average(
                 [r.state for r in results], [r.num_samples for r in results], self.global_state
@@ -363,7 +386,6 @@ class Coordinator:
             )
             status = "insufficient"
         acc, loss = self.evaluate(self.global_state)
-        self.store.save_checkpoint(round_num, self.global_state)
         self._record(round_num, status, acc, loss, time.monotonic() - t0, results, missing)
 
     def _record(
@@ -417,7 +439,7 @@ class Coordinator:
             "late_refused": self._late.get(round_num, 0),
             "silos": silos,
         }
-        self.store.append_metrics(record)
+        self.store.commit_round(self.global_state, record)
         log.info(
             "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
             round_num,

@@ -1,69 +1,220 @@
-"""RoundStore: the run folder on disk. Files are written whole or not at all."""
+"""RoundStore: the run folder, with its state in SQLite (WAL) and models in safetensors.
+
+A round is committed in this order: the checkpoint is written to a temporary name,
+fsynced and renamed; then one SQLite transaction records the round, its per-silo figures
+and the checkpoint's SHA-256. That transaction is the commit point: a crash before it
+leaves the previous round as the last one (an orphan checkpoint file is overwritten when
+the round runs again), a crash after it leaves the new one. ``metrics.jsonl`` is a readable
+copy of the database, rewritten from it on every resume.
+
+Layout of ``runs/<run-id>/``:
+
+    state.db               run config and hash, current round and phase, rounds, silos
+    config.yaml            the effective config
+    metrics.jsonl          one JSON object per committed round (round 0: the initial model)
+    checkpoints/round-NNNN.safetensors   global model after each round
+    final_model.safetensors + model.json  the last global model and its architecture
+    uploads/round-NNNN/<silo>.safetensors  decoded uploads, when save_uploads is on
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from lssfl.common.faults import crash_point
 
-def atomic_write(path: Path, data: bytes) -> None:
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    checkpoint TEXT NOT NULL,
+    checkpoint_sha256 TEXT NOT NULL,
+    global_accuracy REAL, global_loss REAL,
+    bytes_down INTEGER, bytes_up INTEGER, bytes_down_raw INTEGER, bytes_up_raw INTEGER,
+    record TEXT NOT NULL,
+    committed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS silo_rounds (
+    round INTEGER NOT NULL REFERENCES rounds(round),
+    silo_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    num_samples INTEGER,
+    bytes_down INTEGER, bytes_up INTEGER,
+    train_seconds REAL,
+    PRIMARY KEY (round, silo_id)
+);
+CREATE TABLE IF NOT EXISTS silos (
+    silo_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    num_samples INTEGER,
+    device TEXT,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, crash_tag: str = "") -> None:
     """Write to a temporary name, fsync, rename, fsync the folder: a crash leaves old or new."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if crash_tag:
+        crash_point(crash_tag)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
-def save_state(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str] | None = None):
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write(path, st_save(tensors, metadata=meta))
+def state_bytes(state: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
+    return st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, state_bytes(state))
 
 
 class RoundStore:
-    """Layout of ``runs/<run-id>/``:
-
-    config.yaml            the effective config
-    metrics.jsonl          one JSON object per round (round 0: the initial model)
-    checkpoints/round-NNNN.safetensors   global model after each round
-    final_model.safetensors + model.json  the last global model and its architecture
-    uploads/round-NNNN/<silo>.safetensors  decoded uploads, when save_uploads is on
-    """
-
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(run_dir / "state.db", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -------------------------------------------------------------- run identity
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM run WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, **values: Any) -> None:
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)",
+                [(k, str(v)) for k, v in values.items()],
+            )
 
     def save_config(self, text: str) -> None:
         atomic_write(self.run_dir / "config.yaml", text.encode())
 
-    def save_checkpoint(self, round_num: int, state: dict[str, torch.Tensor]) -> Path:
-        path = self.run_dir / "checkpoints" / f"round-{round_num:04d}.safetensors"
-        save_state(path, state, {"round": str(round_num)})
-        return path
+    # -------------------------------------------------------------- rounds
+
+    def checkpoint_path(self, round_num: int) -> Path:
+        return self.run_dir / "checkpoints" / f"round-{round_num:04d}.safetensors"
+
+    def commit_round(self, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        """Checkpoint, then the round's rows in one transaction, then metrics.jsonl."""
+        r = int(record["round"])
+        data = state_bytes(state, {"round": str(r)})
+        path = self.checkpoint_path(r)
+        atomic_write(path, data, crash_tag=f"checkpoint:{r}")
+        crash_point(f"commit:{r}")
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    r, record["status"], path.name, hashlib.sha256(data).hexdigest(),
+                    record["global_accuracy"], record["global_loss"],
+                    record["bytes_down"], record["bytes_up"],
+                    record["bytes_down_raw"], record["bytes_up_raw"],
+                    json.dumps(record), time.time(),
+                ),
+            )  # fmt: skip
+            self._db.executemany(
+                "INSERT OR REPLACE INTO silo_rounds VALUES (?,?,?,?,?,?,?)",
+                [
+                    (r, s["silo_id"], s["status"], s["num_samples"], s["bytes_down"],
+                     s["bytes_up"], s["train_seconds"])
+                    for s in record["silos"]
+                ],
+            )  # fmt: skip
+            self._db.execute(
+                "INSERT OR REPLACE INTO run (key, value) VALUES ('round', ?), ('phase', ?)",
+                (str(r), "committed"),
+            )
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def last_round(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """The last committed round and its global model, checked against its digest."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round, checkpoint, checkpoint_sha256 FROM rounds "
+                "ORDER BY round DESC LIMIT 1"
+            ).fetchone()
+        if row is None:
+            return None
+        r, name, digest = row
+        data = (self.run_dir / "checkpoints" / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(f"checkpoint {name} does not match its recorded SHA-256")
+        return r, st_load(data)
+
+    def rewrite_metrics(self) -> None:
+        """Make metrics.jsonl exactly the committed rounds (drops a line a crash left)."""
+        text = "".join(json.dumps(r) + "\n" for r in self.records())
+        atomic_write(self.metrics_path, text.encode())
+
+    def set_phase(self, round_num: int, phase: str) -> None:
+        self.put(round=round_num, phase=phase)
+
+    def set_silo(self, silo_id: str, status: str, num_samples: int = 0, device: str = "") -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO silos VALUES (?,?,?,?,?)",
+                (silo_id, status, num_samples, device, time.time()),
+            )
+
+    def integrity_check(self) -> str:
+        with self._lock:
+            return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    # -------------------------------------------------------------- files
 
     def save_upload(self, round_num: int, silo_id: str, state: dict[str, torch.Tensor]) -> None:
         folder = self.run_dir / "uploads" / f"round-{round_num:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         save_state(folder / f"{silo_id}.safetensors", state)
-
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     def save_final(self, state: dict[str, torch.Tensor], model_spec: dict[str, Any]) -> None:
         save_state(self.run_dir / "final_model.safetensors", state)

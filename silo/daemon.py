@@ -12,7 +12,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,7 +21,9 @@ import torch
 
 from lssfl import __version__
 from lssfl.common.data import Split, load_split
+from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
+from lssfl.common.security import TOKEN_HEADER
 from lssfl.common.wire import MAX_MESSAGE_BYTES, decode_model, encode_model
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
@@ -36,6 +38,21 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def _with_crash_point(messages: Iterator[pb.ModelChunk], tag: str) -> Iterator[pb.ModelChunk]:
+    """The fault tests kill a silo here, with part of its upload on the wire."""
+    for i, msg in enumerate(messages):
+        if i == 3:
+            crash_point(tag)
+        yield msg
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 class SiloRefused(RuntimeError):
@@ -67,6 +84,8 @@ class SiloDaemon:
         data: Split,
         device: torch.device,
         max_wait_s: float = 300.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = coordinator
         self.silo_id = silo_id
@@ -77,7 +96,12 @@ class SiloDaemon:
         self.round = 0
         self.state = "idle"
         self.heartbeat_s = 2.0
-        self._channel = grpc.insecure_channel(coordinator, options=CHANNEL_OPTIONS)
+        self._metadata = ((TOKEN_HEADER, f"Bearer {token}"),) if token else ()
+        self._channel = (
+            grpc.secure_channel(coordinator, credentials, options=CHANNEL_OPTIONS)
+            if credentials
+            else grpc.insecure_channel(coordinator, options=CHANNEL_OPTIONS)
+        )
         self._stub = cgrpc.CoordinatorStub(self._channel)
         self._stop = threading.Event()
         self._x = data.x.to(device)
@@ -85,9 +109,34 @@ class SiloDaemon:
 
     @classmethod
     def from_folder(
-        cls, coordinator: str, silo_id: str, data_dir: Path, device: str = "auto", **kw: float
+        cls,
+        coordinator: str,
+        silo_id: str,
+        data_dir: Path,
+        device: str = "auto",
+        max_wait_s: float = 300.0,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        token_file: Path | None = None,
     ) -> SiloDaemon:
-        return cls(coordinator, silo_id, load_split(data_dir), resolve_device(device), **kw)
+        """Build from paths, validating each; errors name the file at fault."""
+        data = load_split(data_dir)
+        credentials = None
+        if ca is not None:
+            if (cert is None) != (key is None):
+                raise ValueError("--cert and --key go together (mutual TLS)")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(ca, "CA certificate"),
+                private_key=_read(key, "client key") if key else None,
+                certificate_chain=_read(cert, "client certificate") if cert else None,
+            )
+        elif cert is not None or key is not None:
+            raise ValueError("--cert/--key need --ca (the coordinator's CA certificate)")
+        token = _read(token_file, "token file").decode().strip() if token_file else None
+        return cls(
+            coordinator, silo_id, data, resolve_device(device), max_wait_s, credentials, token
+        )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` until it answers; backoff while the coordinator is unreachable."""
@@ -97,7 +146,7 @@ class SiloDaemon:
                 return fn()
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.PERMISSION_DENIED:
+                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
                     raise SiloRefused(exc.details()) from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     raise _Rejoin(exc.details()) from None
@@ -125,6 +174,7 @@ class SiloDaemon:
                     version=__version__,
                 ),
                 timeout=30,
+                metadata=self._metadata,
             ),
         )
         self.run_id, self.heartbeat_s = reply.run_id, reply.heartbeat_interval_s or 2.0
@@ -146,6 +196,7 @@ class SiloDaemon:
                         silo_id=self.silo_id, run_id=self.run_id, round=self.round, state=self.state
                     ),
                     timeout=max(self.heartbeat_s, 1.0),
+                    metadata=self._metadata,
                 )
 
     def run(self) -> None:
@@ -159,7 +210,9 @@ class SiloDaemon:
                     task = self._retry(
                         "get task",
                         lambda: self._stub.GetTask(
-                            cpb.TaskRequest(silo_id=self.silo_id, run_id=self.run_id), timeout=30
+                            cpb.TaskRequest(silo_id=self.silo_id, run_id=self.run_id),
+                            timeout=30,
+                            metadata=self._metadata,
                         ),
                     )
                     if task.kind == cpb.Task.DONE:
@@ -195,7 +248,9 @@ class SiloDaemon:
         t0 = time.monotonic()
         self.state = "downloading"
         stream = self._stub.DownloadModel(
-            cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=r), timeout=600
+            cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=r),
+            timeout=600,
+            metadata=self._metadata,
         )
         try:
             received = decode_model(stream, header_kind="download", max_payload_bytes=1 << 40)
@@ -244,7 +299,11 @@ class SiloDaemon:
         )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         try:
-            reply = self._stub.UploadResult(encode_model(state, header), timeout=600)
+            reply = self._stub.UploadResult(
+                _with_crash_point(encode_model(state, header), f"upload:{r}"),
+                timeout=600,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
             if exc.code() in (
                 grpc.StatusCode.FAILED_PRECONDITION,

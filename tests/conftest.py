@@ -26,28 +26,27 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def make_config(folder: Path, name: str = "run.yaml", **sections) -> Path:
+    """Write a small, fast run config into folder; sections are merged into the defaults."""
+    cfg = {
+        "run": {"name": "t", "seed": 0, "rounds": 2, "out_dir": str(folder / "runs")},
+        "silos": ["silo-1", "silo-2", "silo-3"],
+        "coordinator": {"min_silos": 2, "round_deadline_s": 60, "join_timeout_s": 60,
+                        "heartbeat_interval_s": 0.5},
+        "data": {"kind": "embedded", "root": str(folder / "data")},
+        "model": {"name": "cnn", "init": "pretrain", "pretrain_epochs": 2},
+        "trainer": {"name": "fedavg", "epochs": 1, "lr": 0.003},
+    }  # fmt: skip
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    path = folder / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture
 def write_config(tmp_path):
-    """Write a small, fast run config under tmp_path; sections are merged into defaults."""
-
     def write(name: str = "run.yaml", **sections) -> Path:
-        cfg = {
-            "run": {"name": "t", "seed": 0, "rounds": 2, "out_dir": str(tmp_path / "runs")},
-            "silos": ["silo-1", "silo-2", "silo-3"],
-            "coordinator": {
-                "min_silos": 2,
-                "round_deadline_s": 60,
-                "join_timeout_s": 60,
-                "heartbeat_interval_s": 0.5,
-            },
-            "data": {"kind": "embedded", "root": str(tmp_path / "data")},
-            "model": {"name": "cnn", "init": "pretrain", "pretrain_epochs": 2},
-            "trainer": {"name": "fedavg", "epochs": 1, "lr": 0.003},
-        }
-        for key, value in sections.items():
-            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return make_config(tmp_path, name, **sections)
 
     return write

@@ -1,0 +1,197 @@
+"""Fault injection with real processes: kill the coordinator or a silo at exact instants,
+restart, and check that the run ends with the same model as an uninterrupted one.
+
+Crash points (``LSSFL_CRASH_AT=<point>:<round>``, see lssfl.common.faults) make a process
+SIGKILL itself at one instant; "training" is a SIGKILL sent by the test while silos train.
+"""
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import lssfl_cmd, make_config, read_jsonl
+
+ROUNDS = 3
+SILOS = ("silo-1", "silo-2")
+SECTIONS = {
+    "run": {"rounds": ROUNDS},
+    "silos": list(SILOS),
+    "model": {"init": "random"},
+    "coordinator": {"min_silos": 2, "round_deadline_s": 120, "heartbeat_interval_s": 0.5},
+    "trainer": {"name": "fedavg", "epochs": 1, "lr": 0.003},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, config: Path, name: str) -> None:
+        self.config = config
+        self.run_dir = tmp_path / name
+        self.logs = tmp_path / f"{name}-logs"
+        self.logs.mkdir()
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.data = config.parent / "data"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.starts = 0
+
+    def _start(self, name: str, args: list[str], crash_at: str | None) -> None:
+        env = dict(os.environ)
+        env.pop("LSSFL_CRASH_AT", None)
+        if crash_at:
+            env["LSSFL_CRASH_AT"] = crash_at
+        self.starts += 1
+        log = open(self.logs / f"{name}-{self.starts}.log", "wb")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(
+            lssfl_cmd(*args), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+
+    def coordinator(self, crash_at: str | None = None) -> None:
+        args = ["coordinator", "--config", str(self.config), "--run-dir", str(self.run_dir)]
+        self._start("coordinator", [*args, "--port", str(self.port)], crash_at)
+
+    def silo(self, silo: str, crash_at: str | None = None) -> None:
+        args = ["silo", "--coordinator", self.address, "--silo-id", silo]
+        self._start(silo, [*args, "--data", str(self.data / silo)], crash_at)
+
+    def log_text(self, name: str) -> str:
+        return "".join(p.read_text() for p in sorted(self.logs.glob(f"{name}-*.log")))
+
+    def wait(self, name: str, timeout: float = 120) -> int:
+        return self.procs[name].wait(timeout)
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def final(self) -> dict:
+        return load_file(self.run_dir / "final_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Config and embedded data shared by every cluster of this module."""
+    from lssfl.common.config import load_config
+    from lssfl.common.dataroot import prepare_data_root
+
+    root = tmp_path_factory.mktemp("faults")
+    config = make_config(root, **SECTIONS)
+    prepare_data_root(load_config(config))
+    return root, config
+
+
+def _run(cluster: Cluster, coordinator_crash: str | None = None, silo_crash=None, kill=None):
+    """Run to the end; a crash (or kill) of the coordinator is followed by one restart."""
+    try:
+        cluster.coordinator(coordinator_crash)
+        for silo in SILOS:
+            cluster.silo(silo, silo_crash if silo == "silo-2" else None)
+        if kill:
+            kill(cluster)
+        if silo_crash:
+            assert cluster.wait("silo-2") == -signal.SIGKILL
+            cluster.silo("silo-2")  # it comes back after the crash
+        code = cluster.wait("coordinator", 180)
+        if coordinator_crash or kill:
+            assert code == -signal.SIGKILL, cluster.log_text("coordinator")
+            cluster.coordinator()
+            code = cluster.wait("coordinator", 180)
+        assert code == 0, cluster.log_text("coordinator")
+        for silo in SILOS:
+            assert cluster.wait(silo, 60) == 0, cluster.log_text(silo)
+    finally:
+        cluster.kill_all()
+
+
+@pytest.fixture(scope="module")
+def reference(base):
+    root, config = base
+    cluster = Cluster(root, config, "reference")
+    _run(cluster)
+    return cluster.final()
+
+
+def _check(cluster: Cluster, reference: dict) -> None:
+    con = sqlite3.connect(cluster.run_dir / "state.db")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rounds = [r for (r,) in con.execute("SELECT round FROM rounds ORDER BY round")]
+    assert rounds == list(range(ROUNDS + 1))
+    con.close()
+    records = read_jsonl(cluster.run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records] == list(range(ROUNDS + 1))
+    assert all(r["status"] in ("initial", "ok") and r["missing"] == [] for r in records)
+    final = cluster.final()
+    assert final.keys() == reference.keys()
+    for name, value in reference.items():
+        assert (final[name] == value).all(), f"{name} differs from the uninterrupted run"
+
+
+@pytest.mark.parametrize("point", ["aggregate:2", "checkpoint:2", "commit:2"])
+def test_coordinator_killed_and_resumed_matches_uninterrupted(tmp_path, base, reference, point):
+    cluster = Cluster(tmp_path, base[1], f"crash-{point.replace(':', '-')}")
+    _run(cluster, coordinator_crash=point)
+    assert "resuming run" in cluster.log_text("coordinator")
+    assert "joining again" in cluster.log_text("silo-1")
+    _check(cluster, reference)
+
+
+def test_coordinator_killed_during_training(tmp_path, base, reference):
+    def kill(cluster):
+        _wait_for(
+            lambda: "round=2 silo=silo-1 downloaded" in cluster.log_text("silo-1"), 120, "round 2"
+        )
+        cluster.procs["coordinator"].send_signal(signal.SIGKILL)
+
+    cluster = Cluster(tmp_path, base[1], "crash-training")
+    _run(cluster, kill=kill)
+    _check(cluster, reference)
+
+
+def test_silo_killed_mid_upload_comes_back(tmp_path, base, reference):
+    cluster = Cluster(tmp_path, base[1], "silo-crash")
+    _run(cluster, silo_crash="upload:2")
+    assert "upload:2" not in cluster.log_text("silo-2")  # it died without a word
+    _check(cluster, reference)
+
+
+def test_changed_config_is_refused_on_resume(base, reference):
+    root, config = base
+    changed = make_config(
+        root,
+        "changed.yaml",
+        **{**SECTIONS, "trainer": {"name": "fedavg", "epochs": 2, "lr": 0.003}},
+    )
+    proc = subprocess.run(
+        lssfl_cmd("coordinator", "--config", str(changed), "--run-dir", str(root / "reference")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "holds a run with a different config (trainer.epochs: 1 -> 2)" in proc.stderr
+    con = sqlite3.connect(root / "reference" / "state.db")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT max(round) FROM rounds").fetchone()[0] == ROUNDS
