@@ -15,6 +15,8 @@ EXAMPLES = {
         "examples:\n  lssfl certs --out certs --silos silo-1 silo-2 --hosts fl.example.org\n"
         "  lssfl certs --out certs --config configs/demo.yaml"
     ),
+    "prepare": "example:\n  lssfl prepare --config configs/demo.yaml",
+    "health": "example:\n  lssfl health localhost:50051 --ca certs/ca.pem",
     "silo": (
         "example:\n  lssfl silo --coordinator 10.0.0.5:50051 --silo-id silo-1 --data /data/silo-1"
     ),
@@ -74,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         "--hosts", nargs="+", default=["localhost", "127.0.0.1"],
         help="names and addresses silos dial (default: localhost 127.0.0.1)",
     )  # fmt: skip
+    prep = add("prepare", "Generate the embedded data of a config and show what each silo holds.")
+    prep.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+
+    hc = add("health", "Ask a coordinator's gRPC health service; exit 0 when it is serving.")
+    hc.add_argument("address", help="HOST:PORT")
+    hc.add_argument("--ca", type=Path, help="CA certificate when the coordinator uses TLS")
+    hc.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+
     from lssfl.partition import register
 
     register(sub)
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging("partition", args.verbose)
             return run(args)
+        if args.command == "health":
+            return _health(args.address, args.ca, args.timeout)
         if args.command == "certs":
             from lssfl.common.security import make_certs
 
@@ -126,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         cfg = load_config(args.config)
+        if args.command == "prepare":
+            from lssfl.common.data import describe
+            from lssfl.common.dataroot import prepare_data_root
+
+            data = prepare_data_root(cfg)
+            if cfg.data.kind == "embedded":
+                print(describe(Path(cfg.data.root)))
+            for silo, folder in data.silo_dirs.items():
+                print(f"{silo}: {folder}")
+            return 0
         if args.command == "coordinator":
             from lssfl.server.app import run_coordinator
 
@@ -139,6 +161,25 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def _health(address: str, ca: Path | None, timeout: float) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    creds = grpc.ssl_channel_credentials(ca.read_bytes()) if ca else None
+    channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="lssfl.v1.Coordinator"), timeout=timeout
+        )
+    except grpc.RpcError as exc:
+        return _fail(f"{address}: {exc.code().name}: {exc.details()}", code=1)
+    finally:
+        channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 def _fail(message: str, code: int = 2) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lssfl.common.config import SecuritySection
 from lssfl.common.security import CA_CERT, SERVER_CERT, SERVER_KEY, TOKEN_HEADER, TOKENS, TokenTable
@@ -138,6 +139,11 @@ def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, 
     workers = max(16, 4 * len(coordinator.cfg.silos))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
     cgrpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server)
+    # The standard gRPC health service, for load balancers and container health checks.
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("lssfl.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = (
         server.add_secure_port(f"{host}:{port}", creds)
         if (creds := server_credentials(coordinator.cfg.security))

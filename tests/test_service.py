@@ -172,3 +172,15 @@ def test_results_for_a_closed_round_are_refused_and_counted(small):
     assert h.coordinator._late[1] == 1
     code, _ = _code(lambda: h.download(round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_standard_health_service_reports_serving(small):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    h, _ = small
+    stub = health_pb2_grpc.HealthStub(h.channel)
+    for service in ("", "lssfl.v1.Coordinator"):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    code, _ = _code(lambda: stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND
