@@ -39,6 +39,10 @@ class CoordinatorSection:
     # Keep every decoded upload on disk (rounds/NNNN/SILO.safetensors), for audits and tests.
     save_uploads: bool = False
     max_upload_mb: float = 2048.0
+    # Ask k + m live silos each round and aggregate the first k results (None: every live
+    # silo, and wait for all of them).
+    silos_per_round: int | None = None
+    over_select: int = 0
 
 
 @dataclass
@@ -140,6 +144,11 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("silos lists a silo id twice")
     if not 1 <= cfg.coordinator.min_silos <= len(cfg.silos):
         raise ConfigError(f"coordinator.min_silos must be between 1 and {len(cfg.silos)}")
+    k = cfg.coordinator.silos_per_round
+    if k is not None and not cfg.coordinator.min_silos <= k <= len(cfg.silos):
+        raise ConfigError("coordinator.silos_per_round must be between min_silos and len(silos)")
+    if cfg.coordinator.over_select < 0:
+        raise ConfigError("coordinator.over_select must be >= 0")
     sec = cfg.security
     if (sec.tls or sec.mutual_tls or sec.tokens) and not sec.dir:
         raise ConfigError("security.dir must name the certificate folder when tls/tokens are on")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -199,6 +200,7 @@ class Coordinator:
         it = iter(chunks)
         first = next(it, None)
         if first is None or first.WhichOneof("part") != "upload":
+            log.warning("rejected upload: upload must start with its header")
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header")
         head = first.upload
         silo, round_num = head.silo_id, head.round
@@ -293,6 +295,18 @@ class Coordinator:
         timeout = 3 * self.cfg.coordinator.heartbeat_interval_s + 2.0
         return sorted(s for s, i in self._silos.items() if now - i.last_seen <= timeout)
 
+    def _wanted(self) -> int:
+        k = self.cfg.coordinator.silos_per_round
+        return len(self.cfg.silos) if k is None else k
+
+    def _select(self, round_num: int) -> set[str]:
+        alive = self._alive(time.monotonic())
+        k = self.cfg.coordinator.silos_per_round
+        if k is None:
+            return set(alive)
+        rng = random.Random(derive_seed(self.cfg.run.seed, round_num, "selection"))
+        return set(rng.sample(alive, min(len(alive), k + self.cfg.coordinator.over_select)))
+
     def wait_for_silos(self) -> None:
         cc = self.cfg.coordinator
         end = time.monotonic() + cc.join_timeout_s
@@ -350,7 +364,7 @@ class Coordinator:
         with self._cond:
             self._round, self._phase = round_num, "train"
             self._download = _Download(messages)
-            self._selected = set(self._alive(time.monotonic()))
+            self._selected = self._select(round_num)
             self._results = {}
             self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
             selected = sorted(self._selected)
@@ -358,16 +372,20 @@ class Coordinator:
         self.store.set_phase(round_num, "train")
         log.info("round=%d opened for %s", round_num, ", ".join(selected))
         with self._cond:
-            while not self._stopping.is_set() and not self._selected <= set(self._results):
+            wanted = min(self._wanted(), len(self._selected))
+            while not self._stopping.is_set() and len(self._results) < wanted:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(min(left, 1.0))
             self._phase = "aggregate"
-            results = [self._results[s] for s in sorted(self._results)]
+            # Over-selection: the first k to arrive make the round.
+            first_k = list(self._results.values())[: self._wanted()]
+            results = sorted(first_k, key=lambda r: r.silo_id)
+            arrived = set(self._results)
         if self._stopping.is_set():
             raise KeyboardInterrupt
-        missing = sorted(set(selected) - {r.silo_id for r in results})
+        missing = sorted(set(selected) - arrived)
         if missing:
             log.warning("round=%d closed without %s", round_num, ", ".join(missing))
         self.store.set_phase(round_num, "aggregate")

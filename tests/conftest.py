@@ -38,7 +38,7 @@ def make_config(folder: Path, name: str = "run.yaml", **sections) -> Path:
         "trainer": {"name": "fedavg", "epochs": 1, "lr": 0.003},
     }  # fmt: skip
     for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     path = folder / name
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -1,6 +1,8 @@
 """The coordinator's gRPC service, in this process, over a real loopback socket."""
 
+import contextlib
 import threading
+import time
 
 import grpc
 import pytest
@@ -17,11 +19,11 @@ from lssfl.server.store import RoundStore
 
 
 class Harness:
-    def __init__(self, tmp_path, state, silos=("s1", "s2"), deadline=30.0):
+    def __init__(self, tmp_path, state, silos=("s1", "s2"), deadline=30.0, **coordinator):
         cfg = parse_config(
             {
                 "silos": list(silos),
-                "coordinator": {"min_silos": 1, "round_deadline_s": deadline},
+                "coordinator": {"min_silos": 1, "round_deadline_s": deadline, **coordinator},
                 "model": {"name": "mlp", "init": "random"},
                 "data": {"kind": "folders"},
             }
@@ -39,7 +41,11 @@ class Harness:
             self.stub.Join(cpb.JoinRequest(silo_id=s, num_samples=10), timeout=5)
 
     def open_round(self, round_num=1):
-        self.thread = threading.Thread(target=self.coordinator.run_round, args=(round_num,))
+        def run_round():
+            with contextlib.suppress(KeyboardInterrupt):  # what stop() raises mid-round
+                self.coordinator.run_round(round_num)
+
+        self.thread = threading.Thread(target=run_round)
         self.thread.start()
         task = self.stub.GetTask(cpb.TaskRequest(silo_id="s1", run_id="run1"), timeout=10)
         assert task.kind == cpb.Task.TRAIN and task.round == round_num
@@ -143,7 +149,7 @@ def _bad_uploads(state):
     }
 
 
-def test_bad_uploads_are_refused_and_the_round_still_completes(small):
+def test_bad_uploads_are_refused_and_the_round_still_completes(small, caplog):
     h, state = small
     h.join("s1", "s2")
     h.open_round()
@@ -151,6 +157,7 @@ def test_bad_uploads_are_refused_and_the_round_still_completes(small):
         code, details = _code(lambda: h.upload(bad_state, messages=msgs))  # noqa: B023
         assert code == grpc.StatusCode.INVALID_ARGUMENT, case
         assert reason in details, (case, details)
+        assert f"rejected upload: {details.removeprefix('bad upload stream: ')}" in caplog.text
     # Still serving, and the good results make the round.
     assert h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}).accepted
     assert h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}).message.startswith("duplicate")
@@ -184,3 +191,41 @@ def test_standard_health_service_reports_serving(small):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     code, _ = _code(lambda: stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_replayed_upload_from_an_earlier_round_is_refused(small):
+    h, state = small
+    h.join("s1", "s2")
+    h.open_round(1)
+    h.upload(state)
+    h.upload(state, silo="s2")
+    h.thread.join(10)
+    h.open_round(2)
+    # s1 replays its round-1 upload while round 2 is open: refused, counted, not aggregated.
+    code, details = _code(lambda: h.upload(state, round_num=1))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
+    assert h.coordinator._late[1] == 1
+    assert h.coordinator._results == {}
+
+
+def test_over_selection_uses_the_first_k_results(tmp_path):
+    state = {"w": torch.zeros(3)}
+    h = Harness(tmp_path, state, silos=("s1", "s2", "s3"), silos_per_round=1, over_select=1)
+    try:
+        h.join("s1", "s2", "s3")
+        h.thread = threading.Thread(target=h.coordinator.run_round, args=(1,))
+        h.thread.start()
+        _wait = time.monotonic() + 10
+        while not h.coordinator._selected and time.monotonic() < _wait:
+            time.sleep(0.01)
+        selected = sorted(h.coordinator._selected)
+        assert len(selected) == 2
+        first, second = selected
+        assert h.upload({"w": torch.ones(3)}, silo=first).accepted
+        h.thread.join(10)
+        assert not h.thread.is_alive()  # closed on the first result, no deadline wait
+        assert torch.equal(h.coordinator.global_state["w"], torch.ones(3))
+        code, details = _code(lambda: h.upload({"w": torch.ones(3)}, silo=second))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "closed" in details
+    finally:
+        h.close()

@@ -1,0 +1,126 @@
+"""TLS, mutual TLS and per-silo tokens on a real gRPC server over loopback."""
+
+import grpc
+import pytest
+import torch
+
+from lssfl.common.config import parse_config
+from lssfl.common.security import CA_CERT, make_certs, silo_files
+from lssfl.proto import coordinator_pb2 as cpb
+from lssfl.proto import coordinator_pb2_grpc as cgrpc
+from lssfl.server.coordinator import Coordinator
+from lssfl.server.service import serve
+from lssfl.server.store import RoundStore
+from tests.conftest import read_jsonl, run_lssfl
+
+SILOS = ["silo-1", "silo-2", "silo-3"]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    make_certs(folder, SILOS, ["localhost", "127.0.0.1"])
+    other = tmp_path_factory.mktemp("other-ca")
+    make_certs(other, SILOS, ["localhost", "127.0.0.1"])
+    return folder, other
+
+
+def _server(tmp_path, folder, **security):
+    cfg = parse_config({
+        "silos": SILOS,
+        "model": {"name": "mlp", "init": "random"},
+        "data": {"kind": "folders"},
+        "security": {"dir": str(folder), **security},
+    })  # fmt: skip
+    c = Coordinator(cfg, RoundStore(tmp_path), {"w": torch.zeros(2)}, lambda s: (0.0, 0.0))
+    server, port = serve(c, "127.0.0.1", 0)
+    return server, port
+
+
+def _join(port, silo, *, folder=None, mtls_silo=None, token_silo=None, token=None):
+    if folder is None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    else:
+        cert, key, _ = silo_files(folder, mtls_silo) if mtls_silo else (None, None, None)
+        creds = grpc.ssl_channel_credentials(
+            (folder / CA_CERT).read_bytes(),
+            key.read_bytes() if key else None,
+            cert.read_bytes() if cert else None,
+        )
+        channel = grpc.secure_channel(f"127.0.0.1:{port}", creds)
+    if token_silo:
+        token = silo_files(folder, token_silo)[2].read_text().strip()
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    try:
+        return cgrpc.CoordinatorStub(channel).Join(
+            cpb.JoinRequest(silo_id=silo, num_samples=1), timeout=5, metadata=metadata
+        )
+    finally:
+        channel.close()
+
+
+def _refused(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_tokens_are_checked_on_every_call(tmp_path, certs, caplog):
+    folder, _ = certs
+    server, port = _server(tmp_path, folder, tls=True, tokens=True, revoked=["silo-3"])
+    try:
+        assert _join(port, "silo-1", folder=folder, token_silo="silo-1").run_id
+        code, details = _refused(lambda: _join(port, "silo-1", folder=folder))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "missing bearer token" in details
+        code, details = _refused(lambda: _join(port, "silo-1", folder=folder, token="guess"))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "not valid for silo 'silo-1'" in details
+        # A silo's token does not let it speak for another silo.
+        code, _ = _refused(lambda: _join(port, "silo-1", folder=folder, token_silo="silo-2"))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        code, details = _refused(lambda: _join(port, "silo-3", folder=folder, token_silo="silo-3"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details
+        # Plain-text clients do not get through a TLS port at all.
+        token = silo_files(folder, "silo-1")[2].read_text().strip()
+        code, _ = _refused(lambda: _join(port, "silo-1", token=token))
+        assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0).wait()
+    assert "refused call without a token for silo 'silo-1'" in caplog.text
+    assert "refused revoked silo 'silo-3'" in caplog.text
+
+
+def test_mutual_tls_needs_a_certificate_from_our_ca_issued_to_the_silo(tmp_path, certs):
+    folder, other = certs
+    server, port = _server(tmp_path, folder, tls=True, mutual_tls=True)
+    try:
+        assert _join(port, "silo-2", folder=folder, mtls_silo="silo-2").run_id
+        code, details = _refused(lambda: _join(port, "silo-1", folder=folder, mtls_silo="silo-2"))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "not issued to silo 'silo-1'" in details
+        # No client certificate, or one from another CA: the handshake fails.
+        code, _ = _refused(lambda: _join(port, "silo-1", folder=folder))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        mixed = tmp_path / "mixed"
+        mixed.mkdir()
+        (mixed / CA_CERT).write_bytes((folder / CA_CERT).read_bytes())
+        for f in silo_files(other, "silo-1")[:2]:
+            (mixed / f.name).write_bytes(f.read_bytes())
+        code, _ = _refused(lambda: _join(port, "silo-1", folder=mixed, mtls_silo="silo-1"))
+        assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0).wait()
+
+
+def test_lssfl_run_with_tls_and_tokens_end_to_end(tmp_path, write_config):
+    config = write_config(
+        silos=["silo-1", "silo-2"],
+        run={"rounds": 1},
+        model={"init": "random"},
+        security={"dir": str(tmp_path / "certs"), "tls": True, "mutual_tls": True, "tokens": True},
+    )
+    run_dir = tmp_path / "runs" / "tls"
+    proc = run_lssfl("run", "--config", str(config), "--run-dir", str(run_dir), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "made a demo CA" in proc.stdout
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert records[-1]["round"] == 1 and records[-1]["num_results"] == 2
+    assert (tmp_path / "certs" / "tokens.json").exists()
