@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# FedAvg and LSS on the same data and pre-trained start, then one report comparing them.
 demo: $(STAMP)
-	$(VENV)/bin/lssfl run --config configs/demo.yaml
+	T=$$(date +%Y%m%d-%H%M%S) && \
+	$(VENV)/bin/lssfl run --config configs/demo.yaml --run-dir runs/demo-fedavg-$$T && \
+	$(VENV)/bin/lssfl run --config configs/demo-lss.yaml --run-dir runs/demo-lss-$$T && \
+	$(VENV)/bin/lssfl report runs/demo-fedavg-$$T runs/demo-lss-$$T --out runs/demo-report-$$T
 
 test: $(STAMP) proto-check lint
 	$(PY) -m pytest tests

@@ -84,9 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     hc.add_argument("--ca", type=Path, help="CA certificate when the coordinator uses TLS")
     hc.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
 
-    from lssfl.partition import register
+    from lssfl.partition import register as register_partition
+    from lssfl.report import register as register_report
 
-    register(sub)
+    register_partition(sub)
+    register_report(sub)
     return parser
 
 
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging("partition", args.verbose)
             return run(args)
+        if args.command == "report":
+            from lssfl.report import run as report_run
+
+            return report_run(args)
         if args.command == "health":
             return _health(args.address, args.ca, args.timeout)
         if args.command == "certs":
