@@ -23,6 +23,7 @@ from lssfl import __version__
 from lssfl.common.data import Split, load_split
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
+from lssfl.common.progress import progress
 from lssfl.common.security import TOKEN_HEADER
 from lssfl.common.wire import MAX_MESSAGE_BYTES, decode_model, encode_model
 from lssfl.proto import coordinator_pb2 as cpb
@@ -253,7 +254,11 @@ class SiloDaemon:
             metadata=self._metadata,
         )
         try:
-            received = decode_model(stream, header_kind="download", max_payload_bytes=1 << 40)
+            received = decode_model(
+                progress(stream, 0, f"round {r} download", " messages"),
+                header_kind="download",
+                max_payload_bytes=1 << 40,
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 log.warning("round=%d silo=%s download refused: %s", r, self.silo_id, exc.details())
@@ -300,7 +305,12 @@ class SiloDaemon:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         try:
             reply = self._stub.UploadResult(
-                _with_crash_point(encode_model(state, header), f"upload:{r}"),
+                progress(
+                    _with_crash_point(encode_model(state, header), f"upload:{r}"),
+                    0,
+                    f"round {r} upload",
+                    " messages",
+                ),
                 timeout=600,
                 metadata=self._metadata,
             )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lssfl.common.progress import progress
 from lssfl.silo.lss import LSSTrainer
 
 
@@ -36,7 +37,8 @@ def batches(
 ) -> Iterator[torch.Tensor]:
     """Index batches of one shuffled epoch; the last short batch is kept."""
     order = torch.randperm(n, generator=generator).to(device)
-    yield from order.split(batch_size)
+    parts = order.split(batch_size)
+    yield from progress(parts, len(parts), "train epoch", " batches")
 
 
 def make_optimizer(
