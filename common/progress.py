@@ -19,10 +19,8 @@ def progress(items: Iterable[T], total: int, desc: str, unit: str = "") -> Itera
         yield from items
         return
     last = 0.0
-    done = 0
-    for item in items:
+    for done, item in enumerate(items, start=1):
         yield item
-        done += 1
         now = time.monotonic()
         if now - last > 0.1 or done == total:
             last = now
