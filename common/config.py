@@ -200,6 +200,10 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The effective config: every default filled in, the trainer's included."""
+    from lssfl.silo.trainers import make_trainer
+
     d = dataclasses.asdict(cfg)
     d.pop("source")
+    d["trainer"] = {"name": cfg.trainer["name"], **dataclasses.asdict(make_trainer(cfg.trainer))}
     return d

@@ -15,6 +15,7 @@ EXAMPLES = {
         "examples:\n  lssfl certs --out certs --silos silo-1 silo-2 --hosts fl.example.org\n"
         "  lssfl certs --out certs --config configs/demo.yaml"
     ),
+    "config": "example:\n  lssfl config show --config configs/demo.yaml",
     "prepare": "example:\n  lssfl prepare --config configs/demo.yaml",
     "health": "example:\n  lssfl health localhost:50051 --ca certs/ca.pem",
     "silo": (
@@ -76,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         "--hosts", nargs="+", default=["localhost", "127.0.0.1"],
         help="names and addresses silos dial (default: localhost 127.0.0.1)",
     )  # fmt: skip
+    conf = add("config", "Inspect a run config.")
+    conf.add_argument(
+        "action", choices=["show"], help="show: the effective config, defaults filled"
+    )
+    conf.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+
     prep = add("prepare", "Generate the embedded data of a config and show what each silo holds.")
     prep.add_argument("--config", required=True, type=Path, help="run config (YAML)")
 
@@ -144,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         cfg = load_config(args.config)
+        if args.command == "config":
+            import yaml
+
+            from lssfl.common.config import config_to_dict
+
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            return 0
         if args.command == "prepare":
             from lssfl.common.data import describe
             from lssfl.common.dataroot import prepare_data_root

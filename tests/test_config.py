@@ -52,3 +52,19 @@ def test_file_errors(tmp_path):
 def test_shipped_demo_config_is_valid():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
     assert len(cfg.silos) == 5 and cfg.data.kind == "embedded"
+
+
+def test_config_show_prints_every_default(tmp_path):
+    import yaml
+
+    from tests.conftest import run_lssfl
+
+    path = tmp_path / "c.yaml"
+    path.write_text("silos: [a]\ntrainer: {name: lss}\n")
+    proc = run_lssfl("config", "show", "--config", str(path))
+    assert proc.returncode == 0, proc.stderr
+    shown = yaml.safe_load(proc.stdout)
+    assert shown["trainer"]["pool_size"] == 4 and shown["trainer"]["name"] == "lss"
+    assert shown["coordinator"]["round_deadline_s"] == 300.0
+    # What it prints is itself a valid config.
+    assert parse_config(shown).trainer == shown["trainer"]
