@@ -65,6 +65,16 @@ class ModelSection:
 
 
 @dataclass
+class CompressionSection:
+    # Codecs (lssfl.common.codecs): fp32, fp16, bf16, int8, topk<fraction>+<values>, each
+    # optionally +zstd or +zlib. Lossy uplinks send the update (local - received model).
+    uplink: str = "fp32"
+    downlink: str = "fp32"
+    # Send silos that hold last round's model only the change (encoded with `downlink`).
+    delta_downlink: bool = False
+
+
+@dataclass
 class SecuritySection:
     # Folder with ca.pem, coordinator.pem/.key, tokens.json and per-silo files, as written by
     # `lssfl certs`. `lssfl run` creates it when missing.
@@ -83,6 +93,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     trainer: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    compression: CompressionSection = field(default_factory=CompressionSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     source: str = ""  # file it was read from; not a key
 
@@ -149,6 +160,15 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("coordinator.silos_per_round must be between min_silos and len(silos)")
     if cfg.coordinator.over_select < 0:
         raise ConfigError("coordinator.over_select must be >= 0")
+    from lssfl.common.codecs import CodecError, parse_codec
+
+    for direction in ("uplink", "downlink"):
+        try:
+            codec = parse_codec(getattr(cfg.compression, direction))
+        except CodecError as exc:
+            raise ConfigError(f"compression.{direction}: {exc}") from None
+        if direction == "downlink" and codec.topk and not cfg.compression.delta_downlink:
+            raise ConfigError("compression.downlink top-k needs delta_downlink: true")
     sec = cfg.security
     if (sec.tls or sec.mutual_tls or sec.tokens) and not sec.dir:
         raise ConfigError("security.dir must name the certificate folder when tls/tokens are on")

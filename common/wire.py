@@ -2,13 +2,16 @@
 
 A stream is: one header (download or upload), then per tensor a ``TensorSpec`` followed by
 data chunks of at most ``CHUNK_BYTES`` whose lengths add up to ``spec.nbytes``, then one
-``StreamEnd`` with a SHA-256 over every data byte. The decoder trusts nothing it reads: it
-checks every length, shape and dtype against limits before allocating, and only hands out
-tensors once the checksum matches. Nothing here unpickles.
+``StreamEnd`` with a SHA-256 over every data byte. Each tensor names its codec (fp32, fp16,
+int8, top-k, zstd: ``lssfl.common.codecs``) and whether it is a delta to a reference model
+the receiver holds. The decoder trusts nothing it reads: it checks every length, shape and
+dtype against limits before allocating, verifies the checksum before decoding any payload,
+and decodes through validating codecs. Nothing here unpickles.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Iterator
@@ -16,11 +19,24 @@ from dataclasses import dataclass
 
 import torch
 
+from lssfl.common.codecs import (
+    CodecError,
+    CodecSpec,
+    ErrorFeedback,
+    decode_tensor,
+    encode_tensor,
+    max_encoded_bytes,
+    parse_codec,
+    payload_bytes,
+)
 from lssfl.proto import tensor_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
 # gRPC's default receive limit is 4 MiB; a chunk plus its framing stays far below it.
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
+FP32 = CodecSpec()
+# fp32 without a lossless stage goes out as "raw": every tensor at its own width, bit-exact,
+# without a copy (float16 and float64 models included).
 RAW = "raw"
 
 DTYPES: dict[str, torch.dtype] = {
@@ -58,24 +74,83 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
     if t.dtype not in DTYPE_NAMES:
         raise WireError(f"dtype {t.dtype} cannot be sent")
+    if t.numel() == 0:  # views of empty tensors may have stride 0, which numpy refuses
+        return memoryview(b"")
     # A uint8 view works for every dtype, bfloat16 included, without copying.
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def encode_model(state: dict[str, torch.Tensor], header: pb.ModelChunk) -> Iterator[pb.ModelChunk]:
+@dataclass
+class WireTensor:
+    """One tensor, encoded once, ready to be streamed to any number of receivers."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    codec: str
+    delta: bool
+    data: bytes | memoryview
+
+
+def pack_state(
+    state: dict[str, torch.Tensor],
+    spec: CodecSpec = FP32,
+    reference: dict[str, torch.Tensor] | None = None,
+    feedback: ErrorFeedback | None = None,
+) -> list[WireTensor]:
+    """Encode every tensor of ``state`` with ``spec``.
+
+    With a ``reference`` (a model the receiver holds), floating tensors travel as
+    ``state - reference``: updates are small and centred, which is what int8 and top-k need.
+    ``feedback`` keeps what a lossy codec dropped and adds it to the next update (silo side).
+    Integer buffers always travel whole and exact.
+    """
+    for name, t in state.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot be sent")
+    updates = {
+        name: t.detach().cpu() - reference[name].to(t.dtype)
+        for name, t in state.items()
+        if reference is not None and t.is_floating_point()
+    }
+    try:
+        payloads = (
+            feedback.compress(updates, spec)
+            if feedback is not None and updates
+            else {n: encode_tensor(u, spec) for n, u in updates.items()}
+        )
+        out = []
+        for name, t in state.items():
+            if name in payloads:
+                data: bytes | memoryview = payloads[name]
+            elif spec == FP32:
+                out.append(WireTensor(name, t.dtype, tuple(t.shape), RAW, False, _tensor_bytes(t)))
+                continue
+            else:
+                data = encode_tensor(t, spec)
+            out.append(
+                WireTensor(name, t.dtype, tuple(t.shape), spec.name, name in payloads, data)
+            )
+    except CodecError as exc:
+        raise WireError(str(exc)) from None
+    return out
+
+
+def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator[pb.ModelChunk]:
     """Yield the messages of one stream: ``header``, tensors, ``StreamEnd``."""
     yield header
     digest = hashlib.sha256()
     payload = 0
-    for name, tensor in state.items():
-        buf = _tensor_bytes(tensor)
+    for t in tensors:
+        buf = memoryview(t.data)
         yield pb.ModelChunk(
             tensor=pb.TensorSpec(
-                name=name,
-                dtype=DTYPE_NAMES[tensor.dtype],
-                shape=list(tensor.shape),
-                codec=RAW,
+                name=t.name,
+                dtype=DTYPE_NAMES[t.dtype],
+                shape=list(t.shape),
+                codec=t.codec,
                 nbytes=len(buf),
+                delta=t.delta,
             )
         )
         for start in range(0, len(buf), CHUNK_BYTES):
@@ -84,8 +159,15 @@ def encode_model(state: dict[str, torch.Tensor], header: pb.ModelChunk) -> Itera
             yield pb.ModelChunk(data=piece)
         payload += len(buf)
     yield pb.ModelChunk(
-        end=pb.StreamEnd(sha256=digest.digest(), payload_bytes=payload, num_tensors=len(state))
+        end=pb.StreamEnd(sha256=digest.digest(), payload_bytes=payload, num_tensors=len(tensors))
     )
+
+
+def encode_model(
+    state: dict[str, torch.Tensor], header: pb.ModelChunk, spec: CodecSpec = FP32
+) -> Iterator[pb.ModelChunk]:
+    """A whole state dict as one stream (no reference: every tensor travels whole)."""
+    return stream_tensors(pack_state(state, spec), header)
 
 
 @dataclass
@@ -95,7 +177,15 @@ class DecodedModel:
     payload_bytes: int
 
 
-def _check_spec(spec: pb.TensorSpec, seen: dict[str, torch.Tensor], budget: int) -> torch.dtype:
+@functools.lru_cache(maxsize=64)
+def _codec(name: str) -> CodecSpec:
+    return parse_codec(name)
+
+
+def _check_spec(
+    spec: pb.TensorSpec, seen: dict[str, torch.Tensor], budget: int
+) -> CodecSpec | None:
+    """The tensor's codec (None: raw), after checking the spec against every limit."""
     where = f"tensor {spec.name!r}"
     if not spec.name:
         raise WireError("tensor with an empty name")
@@ -103,29 +193,67 @@ def _check_spec(spec: pb.TensorSpec, seen: dict[str, torch.Tensor], budget: int)
         raise WireError(f"{where} sent twice")
     if spec.dtype not in DTYPES:
         raise WireError(f"{where}: unknown dtype {spec.dtype!r}")
-    if spec.codec != RAW:
-        raise WireError(f"{where}: unknown codec {spec.codec!r}")
+    try:
+        codec = None if spec.codec == RAW else _codec(spec.codec)
+    except CodecError as exc:
+        raise WireError(f"{where}: {exc}") from None
     if len(spec.shape) > 8 or any(d < 0 for d in spec.shape):
         raise WireError(f"{where}: invalid shape {list(spec.shape)}")
     dtype = DTYPES[spec.dtype]
-    expected = math.prod(spec.shape) * torch.empty((), dtype=dtype).element_size()
-    if spec.nbytes != expected:
-        raise WireError(
-            f"{where}: {spec.nbytes} bytes announced, shape {list(spec.shape)} {spec.dtype} "
-            f"needs {expected}"
+    if codec is None or codec.lossless is None:
+        shape = tuple(spec.shape)
+        expected = (
+            math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if codec is None
+            else payload_bytes(codec, shape, dtype)
         )
+        if spec.nbytes != expected:
+            raise WireError(
+                f"{where}: {spec.nbytes} bytes announced, {spec.codec} of shape "
+                f"{list(spec.shape)} {spec.dtype} needs {expected}"
+            )
+    elif spec.nbytes > max_encoded_bytes(codec, tuple(spec.shape), dtype):
+        raise WireError(f"{where}: {spec.nbytes} bytes announced, more than its codec can need")
     if spec.nbytes > budget:
         raise WireError(f"{where}: stream exceeds the size limit")
-    return dtype
+    return codec
+
+
+def _decode_tensor(
+    spec: pb.TensorSpec,
+    codec: CodecSpec | None,
+    buf: bytearray,
+    reference: dict[str, torch.Tensor] | None,
+) -> torch.Tensor:
+    dtype, shape = DTYPES[spec.dtype], tuple(spec.shape)
+    if codec is None:
+        flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        value = flat.reshape(shape)
+    else:
+        try:
+            value = decode_tensor(buf, codec, shape, dtype)
+        except CodecError as exc:
+            raise WireError(f"tensor {spec.name!r}: {exc}") from None
+    if not spec.delta:
+        return value
+    ref = None if reference is None else reference.get(spec.name)
+    if ref is None or ref.shape != value.shape or ref.dtype != dtype or not dtype.is_floating_point:
+        raise WireError(f"tensor {spec.name!r}: a delta without a matching reference")
+    return ref + value
 
 
 def decode_model(
-    chunks: Iterable[pb.ModelChunk], *, header_kind: str, max_payload_bytes: int
+    chunks: Iterable[pb.ModelChunk],
+    *,
+    header_kind: str,
+    max_payload_bytes: int,
+    reference: dict[str, torch.Tensor] | None = None,
 ) -> DecodedModel:
     """Rebuild a state dict from a stream, validating everything.
 
     ``header_kind`` is "download" or "upload": the first message must be that header.
-    Raises WireError on anything malformed, truncated or corrupted.
+    Delta tensors are added to ``reference``. Raises WireError on anything malformed,
+    truncated or corrupted.
     """
     it = iter(chunks)
     header = next(it, None)
@@ -135,7 +263,7 @@ def decode_model(
     digest = hashlib.sha256()
     payload = 0
     spec: pb.TensorSpec | None = None
-    dtype = torch.uint8
+    codec: CodecSpec | None = None
     buf = bytearray()
     filled = 0
 
@@ -144,15 +272,14 @@ def decode_model(
             return
         if filled != spec.nbytes:
             raise WireError(f"tensor {spec.name!r}: got {filled} of {spec.nbytes} bytes")
-        flat = torch.frombuffer(buf, dtype=dtype) if spec.nbytes else torch.empty(0, dtype=dtype)
-        state[spec.name] = flat.reshape(tuple(spec.shape))
+        state[spec.name] = _decode_tensor(spec, codec, buf, reference)
 
     for msg in it:
         part = msg.WhichOneof("part")
         if part == "tensor":
             finish_tensor()
             spec = msg.tensor
-            dtype = _check_spec(spec, state, max_payload_bytes - payload)
+            codec = _check_spec(spec, state, max_payload_bytes - payload)
             buf, filled = bytearray(spec.nbytes), 0
             payload += spec.nbytes
         elif part == "data":
@@ -165,15 +292,17 @@ def decode_model(
             filled += len(piece)
             digest.update(piece)
         elif part == "end":
-            finish_tensor()
             end = msg.end
+            if filled != (spec.nbytes if spec else 0):
+                raise WireError(f"tensor {spec.name!r}: got {filled} of {spec.nbytes} bytes")
+            if end.sha256 != digest.digest():
+                raise WireError("checksum mismatch: the payload was corrupted in transit")
+            finish_tensor()
             if end.num_tensors != len(state) or end.payload_bytes != payload:
                 raise WireError(
                     f"stream end announces {end.num_tensors} tensors / {end.payload_bytes} "
                     f"bytes, received {len(state)} / {payload}"
                 )
-            if end.sha256 != digest.digest():
-                raise WireError("checksum mismatch: the payload was corrupted in transit")
             if next(it, None) is not None:
                 raise WireError("messages after the end of the stream")
             return DecodedModel(header=header, state=state, payload_bytes=payload)

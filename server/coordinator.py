@@ -20,14 +20,22 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from lssfl.common.codecs import parse_codec
 from lssfl.common.config import RunConfig
 from lssfl.common.faults import crash_point
 from lssfl.common.seeding import derive_seed
-from lssfl.common.wire import WireError, decode_model, encode_model, raw_fp32_bytes
+from lssfl.common.wire import (
+    FP32,
+    WireError,
+    WireTensor,
+    decode_model,
+    pack_state,
+    stream_tensors,
+)
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.aggregate import weighted_average
-from lssfl.server.meter import DOWN, UP, Meter
+from lssfl.server.meter import DOWN, UP, Meter, message_sizes
 from lssfl.server.store import RoundStore
 
 log = logging.getLogger("lssfl.coordinator")
@@ -62,9 +70,20 @@ class SiloResult:
     metrics: dict[str, float]
 
 
+Metered = list[tuple[pb.ModelChunk, tuple[int, int, int]]]
+
+
 @dataclass
 class _Download:
-    messages: list[tuple[pb.ModelChunk, int, int]] = field(default_factory=list)
+    """One round's downlink, encoded once and streamed as the same bytes to every silo."""
+
+    full: Metered = field(default_factory=list)
+    delta: Metered | None = None  # for silos that hold the previous round's model
+    base_round: int = -1
+
+
+def _metered(tensors: list[WireTensor], header: pb.ModelChunk) -> Metered:
+    return [(m, message_sizes(m)) for m in stream_tensors(tensors, header)]
 
 
 class Coordinator:
@@ -91,6 +110,13 @@ class Coordinator:
         self._late: dict[int, int] = {}
         self._deadline = 0.0
         self._download = _Download()
+        # What silos hold after this round's download: equal to global_state unless a lossy
+        # downlink codec is on. Uploads are decoded against it.
+        self._broadcast: dict[str, torch.Tensor] | None = None
+        self._broadcast_round = -1
+        self._last_record: dict | None = None
+        self.codec_down = parse_codec(cfg.compression.downlink)
+        self.codec_up = parse_codec(cfg.compression.uplink)
         self._stopping = threading.Event()
         self.algorithm = str(cfg.trainer.get("name", "fedavg"))
 
@@ -153,6 +179,7 @@ class Coordinator:
                 model_json=_json(self.cfg.model_spec),
                 trainer_json=_json(self.cfg.trainer),
                 deadline_unix_s=time.time() + (self._deadline - time.monotonic()),
+                uplink_codec=self.codec_up.name,
             )
         return None
 
@@ -183,13 +210,15 @@ class Coordinator:
                     f"round {req.round} is not open for download (current round {self._round})",
                 )
             info.state = "downloading"
-            messages = self._download.messages
+            d = self._download
+            holds_base = req.HasField("have_round") and req.have_round == d.base_round
+            messages = d.delta if d.delta is not None and holds_base else d.full
             round_num = self._round
             self.meter.add(round_num, req.silo_id, UP, req.ByteSize())
 
         def stream() -> Iterator[pb.ModelChunk]:
-            for msg, size, raw in messages:
-                self.meter.add(round_num, req.silo_id, DOWN, size, raw)
+            for msg, sizes in messages:
+                self.meter.add(round_num, req.silo_id, DOWN, *sizes)
                 yield msg
 
         return stream()
@@ -212,13 +241,13 @@ class Coordinator:
             if silo in self._results:
                 return cpb.UploadReply(accepted=True, message="duplicate upload ignored")
             self._silos[silo].state = "uploading"
+            reference = self._broadcast
         self.meter.add(round_num, silo, UP, first.ByteSize())
 
         def metered() -> Iterator[pb.ModelChunk]:
             yield first
             for msg in it:
-                raw = raw_fp32_bytes(msg.tensor) if msg.WhichOneof("part") == "tensor" else 0
-                self.meter.add(round_num, silo, UP, msg.ByteSize(), raw)
+                self.meter.add(round_num, silo, UP, *message_sizes(msg))
                 yield msg
 
         try:
@@ -226,6 +255,7 @@ class Coordinator:
                 metered(),
                 header_kind="upload",
                 max_payload_bytes=int(self.cfg.coordinator.max_upload_mb * 2**20),
+                reference=reference,
             )
         except WireError as exc:
             log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, exc)
@@ -295,6 +325,35 @@ class Coordinator:
         timeout = 3 * self.cfg.coordinator.heartbeat_interval_s + 2.0
         return sorted(s for s, i in self._silos.items() if now - i.last_seen <= timeout)
 
+    def _prepare_download(self, round_num: int) -> _Download:
+        """Encode this round's model once: in full, and as a change for silos that hold the
+        previous round's model (delta_downlink). Also fixes what silos will hold."""
+        header = pb.ModelChunk(download=pb.DownloadHeader(run_id=self.run_id, round=round_num))
+        prev = self._broadcast if self._broadcast_round == round_num - 1 else None
+        if self.cfg.compression.delta_downlink and prev is not None:
+            dheader = pb.ModelChunk()
+            dheader.CopyFrom(header)
+            dheader.download.base_round = round_num - 1
+            delta = _metered(pack_state(self.global_state, self.codec_down, prev), dheader)
+            # Decode exactly as the silos will, so both sides hold the same bytes.
+            held = decode_model(
+                (m for m, _ in delta), header_kind="download", max_payload_bytes=1 << 62,
+                reference=prev,
+            ).state  # fmt: skip
+            # Silos without last round's model get what the others now hold, exactly.
+            download = _Download(_metered(pack_state(held), header), delta, round_num - 1)
+        elif self.cfg.compression.delta_downlink or self.codec_down == FP32:
+            held = self.global_state
+            download = _Download(_metered(pack_state(held), header))
+        else:
+            full = _metered(pack_state(self.global_state, self.codec_down), header)
+            held = decode_model(
+                (m for m, _ in full), header_kind="download", max_payload_bytes=1 << 62
+            ).state
+            download = _Download(full)
+        self._broadcast, self._broadcast_round = held, round_num
+        return download
+
     def _wanted(self) -> int:
         k = self.cfg.coordinator.silos_per_round
         return len(self.cfg.silos) if k is None else k
@@ -343,6 +402,7 @@ class Coordinator:
             self.global_state = {k: state[k] for k in self.global_state}
             self._round = first = done + 1
             self.store.rewrite_metrics()
+            self._last_record = self.store.records()[-1]
             log.info("resuming run %s after committed round %d", self.run_id, done)
             if first <= self.cfg.run.rounds:
                 self.wait_for_silos()
@@ -356,14 +416,10 @@ class Coordinator:
 
     def run_round(self, round_num: int) -> None:
         t0 = time.monotonic()
-        header = pb.ModelChunk(download=pb.DownloadHeader(run_id=self.run_id, round=round_num))
-        messages = []
-        for msg in encode_model(self.global_state, header):
-            raw = raw_fp32_bytes(msg.tensor) if msg.WhichOneof("part") == "tensor" else 0
-            messages.append((msg, msg.ByteSize(), raw))
+        download = self._prepare_download(round_num)
         with self._cond:
             self._round, self._phase = round_num, "train"
-            self._download = _Download(messages)
+            self._download = download
             self._selected = self._select(round_num)
             self._results = {}
             self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
@@ -417,46 +473,48 @@ class Coordinator:
         missing: list[str],
     ) -> None:
         by_silo = {r.silo_id: r for r in results}
+        byte_keys = [f"bytes_{d}{k}" for d in (DOWN, UP) for k in ("", "_raw", "_payload")]
         silos = []
         for silo in sorted(set(self.meter.silos(round_num)) | set(missing)):
-            down, up = self.meter.get(round_num, silo, DOWN), self.meter.get(round_num, silo, UP)
+            counts = {d: self.meter.get(round_num, silo, d) for d in (DOWN, UP)}
             r = by_silo.get(silo)
+            metrics = {} if r is None else r.metrics
             silos.append(
                 {
                     "silo_id": silo,
                     "status": "ok" if r else ("missing" if silo in missing else "idle"),
                     "num_samples": r.num_samples if r else self._silos[silo].num_samples,
-                    "bytes_down": down.bytes,
-                    "bytes_up": up.bytes,
-                    "bytes_down_raw": down.raw,
-                    "bytes_up_raw": up.raw,
+                    **{f"bytes_{d}": c.bytes for d, c in counts.items()},
+                    **{f"bytes_{d}_raw": c.raw for d, c in counts.items()},
+                    **{f"bytes_{d}_payload": c.payload for d, c in counts.items()},
                     "train_seconds": round(r.train_seconds, 4) if r else None,
-                    **(
-                        {
-                            f"train_{k}" if not k.startswith("train_") else k: v
-                            for k, v in r.metrics.items()
-                        }
-                        if r
-                        else {}
-                    ),
+                    **{
+                        k if k.startswith("train_") else f"train_{k}": v for k, v in metrics.items()
+                    },
                 }
             )
+        totals = {k: sum(s[k] for s in silos) for k in byte_keys}
+        previous = self._last_record or {}
         record = {
             "round": round_num,
             "algorithm": self.algorithm,
             "status": status,
             "global_accuracy": acc,
             "global_loss": loss,
-            "bytes_down": sum(s["bytes_down"] for s in silos),
-            "bytes_up": sum(s["bytes_up"] for s in silos),
-            "bytes_down_raw": sum(s["bytes_down_raw"] for s in silos),
-            "bytes_up_raw": sum(s["bytes_up_raw"] for s in silos),
+            **totals,
+            # Running totals since round 0: what the run has cost so far.
+            "cum_bytes_down": previous.get("cum_bytes_down", 0) + totals["bytes_down"],
+            "cum_bytes_up": previous.get("cum_bytes_up", 0) + totals["bytes_up"],
+            "codec_down": self.codec_down.name,
+            "codec_up": self.codec_up.name,
+            "delta_downlink": self.cfg.compression.delta_downlink,
             "wall_seconds": round(seconds, 4),
             "num_results": len(results),
             "missing": missing,
             "late_refused": self._late.get(round_num, 0),
             "silos": silos,
         }
+        self._last_record = record
         self.store.commit_round(self.global_state, record)
         log.info(
             "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",

@@ -6,6 +6,9 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
+from lssfl.common.wire import raw_fp32_bytes
+from lssfl.proto import tensor_pb2 as pb
+
 DOWN, UP = "down", "up"
 
 
@@ -14,6 +17,17 @@ class Count:
     messages: int = 0
     bytes: int = 0  # serialized protobuf bytes, as handed to gRPC
     raw: int = 0  # fp32 size of the tensors carried (what an uncompressed model costs)
+    payload: int = 0  # encoded tensor bytes (after codecs), without protobuf framing
+
+
+def message_sizes(msg: pb.ModelChunk) -> tuple[int, int, int]:
+    """Serialized, raw fp32 and encoded payload bytes of one stream message."""
+    part = msg.WhichOneof("part")
+    if part == "tensor":
+        return msg.ByteSize(), raw_fp32_bytes(msg.tensor), 0
+    if part == "data":
+        return msg.ByteSize(), 0, len(msg.data)
+    return msg.ByteSize(), 0, 0
 
 
 class Meter:
@@ -21,17 +35,26 @@ class Meter:
         self._lock = threading.Lock()
         self._counts: dict[tuple[int, str, str], Count] = defaultdict(Count)
 
-    def add(self, round_num: int, silo_id: str, direction: str, nbytes: int, raw: int = 0) -> None:
+    def add(
+        self,
+        round_num: int,
+        silo_id: str,
+        direction: str,
+        nbytes: int,
+        raw: int = 0,
+        payload: int = 0,
+    ) -> None:
         with self._lock:
             c = self._counts[(round_num, silo_id, direction)]
             c.messages += 1
             c.bytes += nbytes
             c.raw += raw
+            c.payload += payload
 
     def get(self, round_num: int, silo_id: str, direction: str) -> Count:
         with self._lock:
             c = self._counts.get((round_num, silo_id, direction), Count())
-            return Count(c.messages, c.bytes, c.raw)
+            return Count(c.messages, c.bytes, c.raw, c.payload)
 
     def silos(self, round_num: int) -> list[str]:
         with self._lock:

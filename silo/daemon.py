@@ -20,12 +20,21 @@ import grpc
 import torch
 
 from lssfl import __version__
+from lssfl.common.codecs import ErrorFeedback, parse_codec
 from lssfl.common.data import Split, load_split
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
 from lssfl.common.progress import progress
 from lssfl.common.security import TOKEN_HEADER
-from lssfl.common.wire import MAX_MESSAGE_BYTES, decode_model, encode_model
+from lssfl.common.wire import (
+    FP32,
+    MAX_MESSAGE_BYTES,
+    DecodedModel,
+    WireError,
+    decode_model,
+    pack_state,
+    stream_tensors,
+)
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.proto import tensor_pb2 as pb
@@ -105,6 +114,8 @@ class SiloDaemon:
         )
         self._stub = cgrpc.CoordinatorStub(self._channel)
         self._stop = threading.Event()
+        self._held: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._feedback = ErrorFeedback()
         self._x = data.x.to(device)
         self._y = data.y.to(device)
 
@@ -221,6 +232,12 @@ class SiloDaemon:
                         return
                     if task.kind == cpb.Task.TRAIN:
                         self.train_round(task)
+                except WireError as exc:
+                    # A stream that does not decode (or a delta against a model we no longer
+                    # hold): forget the held model and ask again for the whole one.
+                    log.warning("silo=%s round=%d bad download: %s", self.silo_id, self.round, exc)
+                    self._held = None
+                    time.sleep(1.0)
                 except grpc.RpcError as exc:
                     if exc.code() not in RETRY_CODES:
                         raise
@@ -244,21 +261,31 @@ class SiloDaemon:
                 beat.join()
             self._channel.close()
 
+    def _download(self, task: cpb.Task) -> DecodedModel:
+        """This round's model; only the change when we still hold the previous round's."""
+        held_round, held = self._held if self._held else (None, None)
+        request = cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=task.round)
+        if held_round is not None:
+            request.have_round = held_round
+        stream = self._stub.DownloadModel(request, timeout=600, metadata=self._metadata)
+        received = decode_model(
+            progress(stream, 0, f"round {task.round} download", " messages"),
+            header_kind="download",
+            max_payload_bytes=1 << 40,
+            reference=held,
+        )
+        head = received.header.download
+        if head.HasField("base_round") and head.base_round != held_round:
+            raise WireError(f"delta against round {head.base_round}, we hold {held_round}")
+        self._held = (task.round, received.state)
+        return received
+
     def train_round(self, task: cpb.Task) -> None:
         r = self.round = task.round
         t0 = time.monotonic()
         self.state = "downloading"
-        stream = self._stub.DownloadModel(
-            cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=r),
-            timeout=600,
-            metadata=self._metadata,
-        )
         try:
-            received = decode_model(
-                progress(stream, 0, f"round {r} download", " messages"),
-                header_kind="download",
-                max_payload_bytes=1 << 40,
-            )
+            received = self._download(task)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 log.warning("round=%d silo=%s download refused: %s", r, self.silo_id, exc.details())
@@ -303,10 +330,20 @@ class SiloDaemon:
             )
         )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        codec = parse_codec(task.uplink_codec or "fp32")
+        # Lossy codecs send the update against what was received: small, centred values.
+        # Top-k keeps what it dropped for the next round (error feedback).
+        tensors = (
+            pack_state(state)
+            if codec == FP32
+            else pack_state(
+                state, codec, received.state, self._feedback if codec.topk is not None else None
+            )
+        )
         try:
             reply = self._stub.UploadResult(
                 progress(
-                    _with_crash_point(encode_model(state, header), f"upload:{r}"),
+                    _with_crash_point(stream_tensors(tensors, header), f"upload:{r}"),
                     0,
                     f"round {r} upload",
                     " messages",

@@ -35,7 +35,7 @@ class TaskRequest(_message.Message):
     def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "run_id", "round", "seed", "model_json", "trainer_json", "deadline_unix_s")
+    __slots__ = ("kind", "run_id", "round", "seed", "model_json", "trainer_json", "deadline_unix_s", "uplink_codec")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[Task.Kind]
@@ -51,6 +51,7 @@ class Task(_message.Message):
     MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAINER_JSON_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_CODEC_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     run_id: str
     round: int
@@ -58,17 +59,20 @@ class Task(_message.Message):
     model_json: str
     trainer_json: str
     deadline_unix_s: float
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., model_json: _Optional[str] = ..., trainer_json: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+    uplink_codec: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., model_json: _Optional[str] = ..., trainer_json: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., uplink_codec: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("silo_id", "run_id", "round")
+    __slots__ = ("silo_id", "run_id", "round", "have_round")
     SILO_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    HAVE_ROUND_FIELD_NUMBER: _ClassVar[int]
     silo_id: str
     run_id: str
     round: int
-    def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    have_round: int
+    def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., have_round: _Optional[int] = ...) -> None: ...
 
 class UploadReply(_message.Message):
     __slots__ = ("accepted", "message")
