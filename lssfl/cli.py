@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imports after parsing: `--help` answers without loading torch.
-    from lssfl.common.config import ConfigError, load_config
-    from lssfl.common.data import DataError
+    # ConfigError, DataError, WireError and CodecError are ValueErrors: one line each, below.
+    from lssfl.common.config import load_config
     from lssfl.common.logs import setup_logging
 
     try:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         from lssfl.launcher import launch
 
         return launch(cfg, args.config, args.run_dir)
-    except (ConfigError, DataError, ValueError) as exc:
+    except ValueError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
