@@ -43,7 +43,9 @@ def test_roundtrip_is_bit_exact_for_every_dtype_scalar_and_empty():
     for name, t in state.items():
         assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
         if t.numel():  # compare bytes: NaN-safe and exact for every dtype
-            assert torch.equal(out[name].view(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+            assert torch.equal(
+                out[name].view(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)
+            )
 
 
 def test_large_tensor_is_split_into_chunks_of_at_most_one_mib():
