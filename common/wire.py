@@ -15,9 +15,13 @@ import functools
 import hashlib
 import math
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 
 from lssfl.common.codecs import (
     CodecError,
@@ -128,16 +132,79 @@ def pack_state(
                 continue
             else:
                 data = encode_tensor(t, spec)
-            out.append(
-                WireTensor(name, t.dtype, tuple(t.shape), spec.name, name in payloads, data)
-            )
+            out.append(WireTensor(name, t.dtype, tuple(t.shape), spec.name, name in payloads, data))
     except CodecError as exc:
         raise WireError(str(exc)) from None
     return out
 
 
-def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator[pb.ModelChunk]:
-    """Yield the messages of one stream: ``header``, tensors, ``StreamEnd``."""
+# A ModelChunk holding only `data` (field 4, length-delimited) is the bulk of every stream.
+# Those are written and read here directly in protobuf's wire format: upb would copy each
+# megabyte on every access and again on serialisation, which costs more than the transfer.
+_DATA_TAG = b"\x22"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def data_message(piece: bytes | memoryview) -> bytes:
+    """The serialized ModelChunk(data=piece), byte for byte what protobuf would write."""
+    return b"".join((_DATA_TAG, _varint(len(piece)), piece))
+
+
+class RawData(NamedTuple):
+    """A data chunk read without protobuf: a view into the received message."""
+
+    data: memoryview
+    size: int  # serialized message bytes
+
+
+Message = pb.ModelChunk | RawData | bytes
+
+
+def parse_chunk(buf: bytes) -> pb.ModelChunk | RawData:
+    """gRPC deserializer for ModelChunk streams: data chunks zero-copy, the rest by protobuf."""
+    if buf[:1] == _DATA_TAG:
+        length, shift, pos = 0, 0, 1
+        while pos < len(buf) and pos <= 10:
+            byte = buf[pos]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            pos += 1
+            if not byte & 0x80:
+                if pos + length == len(buf):
+                    return RawData(memoryview(buf)[pos:], len(buf))
+                break
+    try:
+        return pb.ModelChunk.FromString(buf)
+    except DecodeError as exc:
+        raise WireError(f"undecodable message: {exc}") from None
+
+
+def to_wire(msg: Message) -> bytes:
+    """gRPC serializer for ModelChunk streams: pre-serialized chunks pass through."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def _part(msg: Message) -> tuple[str | None, pb.ModelChunk | RawData]:
+    if isinstance(msg, bytes):
+        msg = parse_chunk(msg)
+    if isinstance(msg, RawData):
+        return "data", msg
+    return msg.WhichOneof("part"), msg
+
+
+def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator[Message]:
+    """Yield the messages of one stream: ``header``, tensors, ``StreamEnd``.
+
+    Data chunks come pre-serialized (bytes); serialize the rest with ``to_wire``.
+    """
     yield header
     digest = hashlib.sha256()
     payload = 0
@@ -154,9 +221,9 @@ def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator
             )
         )
         for start in range(0, len(buf), CHUNK_BYTES):
-            piece = bytes(buf[start : start + CHUNK_BYTES])
+            piece = buf[start : start + CHUNK_BYTES]
             digest.update(piece)
-            yield pb.ModelChunk(data=piece)
+            yield data_message(piece)
         payload += len(buf)
     yield pb.ModelChunk(
         end=pb.StreamEnd(sha256=digest.digest(), payload_bytes=payload, num_tensors=len(tensors))
@@ -165,7 +232,7 @@ def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator
 
 def encode_model(
     state: dict[str, torch.Tensor], header: pb.ModelChunk, spec: CodecSpec = FP32
-) -> Iterator[pb.ModelChunk]:
+) -> Iterator[Message]:
     """A whole state dict as one stream (no reference: every tensor travels whole)."""
     return stream_tensors(pack_state(state, spec), header)
 
@@ -175,6 +242,12 @@ class DecodedModel:
     header: pb.ModelChunk
     state: dict[str, torch.Tensor]
     payload_bytes: int
+
+
+@functools.lru_cache(maxsize=1)
+def _hasher() -> ThreadPoolExecutor:
+    # One worker: updates run in submission order.
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
 
 @functools.lru_cache(maxsize=64)
@@ -222,16 +295,15 @@ def _check_spec(
 def _decode_tensor(
     spec: pb.TensorSpec,
     codec: CodecSpec | None,
-    buf: bytearray,
+    buf: torch.Tensor,
     reference: dict[str, torch.Tensor] | None,
 ) -> torch.Tensor:
     dtype, shape = DTYPES[spec.dtype], tuple(spec.shape)
     if codec is None:
-        flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        value = flat.reshape(shape)
+        value = buf.view(dtype).reshape(shape)  # the received bytes, no copy
     else:
         try:
-            value = decode_tensor(buf, codec, shape, dtype)
+            value = decode_tensor(memoryview(buf.numpy()), codec, shape, dtype)
         except CodecError as exc:
             raise WireError(f"tensor {spec.name!r}: {exc}") from None
     if not spec.delta:
@@ -243,7 +315,7 @@ def _decode_tensor(
 
 
 def decode_model(
-    chunks: Iterable[pb.ModelChunk],
+    chunks: Iterable[Message],
     *,
     header_kind: str,
     max_payload_bytes: int,
@@ -256,16 +328,20 @@ def decode_model(
     truncated or corrupted.
     """
     it = iter(chunks)
-    header = next(it, None)
-    if header is None or header.WhichOneof("part") != header_kind:
+    first = next(it, None)
+    kind, header = _part(first) if first is not None else (None, None)
+    if kind != header_kind:
         raise WireError(f"stream must start with a {header_kind} header")
     state: dict[str, torch.Tensor] = {}
     digest = hashlib.sha256()
     payload = 0
     spec: pb.TensorSpec | None = None
     codec: CodecSpec | None = None
-    buf = bytearray()
+    buf = torch.empty(0, dtype=torch.uint8)
+    dest = buf.numpy()
     filled = 0
+    # SHA-256 runs on a helper thread (hashlib releases the GIL), overlapping the copies.
+    hashing: list[Future[None]] = []
 
     def finish_tensor() -> None:
         if spec is None:
@@ -274,13 +350,15 @@ def decode_model(
             raise WireError(f"tensor {spec.name!r}: got {filled} of {spec.nbytes} bytes")
         state[spec.name] = _decode_tensor(spec, codec, buf, reference)
 
-    for msg in it:
-        part = msg.WhichOneof("part")
+    for raw_msg in it:
+        part, msg = _part(raw_msg)
         if part == "tensor":
             finish_tensor()
             spec = msg.tensor
             codec = _check_spec(spec, state, max_payload_bytes - payload)
-            buf, filled = bytearray(spec.nbytes), 0
+            # Uninitialised: every byte is written below before anything reads it.
+            buf, filled = torch.empty(spec.nbytes, dtype=torch.uint8), 0
+            dest = buf.numpy()
             payload += spec.nbytes
         elif part == "data":
             if spec is None:
@@ -288,13 +366,15 @@ def decode_model(
             piece = msg.data
             if filled + len(piece) > spec.nbytes:
                 raise WireError(f"tensor {spec.name!r}: more than {spec.nbytes} bytes")
-            buf[filled : filled + len(piece)] = piece
+            dest[filled : filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
             filled += len(piece)
-            digest.update(piece)
+            hashing.append(_hasher().submit(digest.update, piece))
         elif part == "end":
             end = msg.end
             if filled != (spec.nbytes if spec else 0):
                 raise WireError(f"tensor {spec.name!r}: got {filled} of {spec.nbytes} bytes")
+            for job in hashing:
+                job.result()
             if end.sha256 != digest.digest():
                 raise WireError("checksum mismatch: the payload was corrupted in transit")
             finish_tensor()

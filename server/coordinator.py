@@ -26,11 +26,13 @@ from lssfl.common.faults import crash_point
 from lssfl.common.seeding import derive_seed
 from lssfl.common.wire import (
     FP32,
+    RawData,
     WireError,
     WireTensor,
     decode_model,
     pack_state,
     stream_tensors,
+    to_wire,
 )
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
@@ -70,7 +72,8 @@ class SiloResult:
     metrics: dict[str, float]
 
 
-Metered = list[tuple[pb.ModelChunk, tuple[int, int, int]]]
+# Serialized once per round, with (serialized, raw fp32, payload) sizes for the meter.
+Metered = list[tuple[bytes, tuple[int, int, int]]]
 
 
 @dataclass
@@ -83,7 +86,7 @@ class _Download:
 
 
 def _metered(tensors: list[WireTensor], header: pb.ModelChunk) -> Metered:
-    return [(m, message_sizes(m)) for m in stream_tensors(tensors, header)]
+    return [(to_wire(m), message_sizes(m)) for m in stream_tensors(tensors, header)]
 
 
 class Coordinator:
@@ -200,7 +203,7 @@ class Coordinator:
             self.meter.add(task.round, req.silo_id, DOWN, task.ByteSize())
         return task
 
-    def download(self, req: cpb.DownloadRequest) -> Iterator[pb.ModelChunk]:
+    def download(self, req: cpb.DownloadRequest) -> Iterator[bytes]:
         with self._cond:
             info = self._touch(req.silo_id)
             self._check_run(req.run_id)
@@ -216,7 +219,7 @@ class Coordinator:
             round_num = self._round
             self.meter.add(round_num, req.silo_id, UP, req.ByteSize())
 
-        def stream() -> Iterator[pb.ModelChunk]:
+        def stream() -> Iterator[bytes]:
             for msg, sizes in messages:
                 self.meter.add(round_num, req.silo_id, DOWN, *sizes)
                 yield msg
@@ -228,7 +231,7 @@ class Coordinator:
     ) -> cpb.UploadReply:
         it = iter(chunks)
         first = next(it, None)
-        if first is None or first.WhichOneof("part") != "upload":
+        if first is None or isinstance(first, RawData) or first.WhichOneof("part") != "upload":
             log.warning("rejected upload: upload must start with its header")
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header")
         head = first.upload

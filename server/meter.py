@@ -6,8 +6,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
-from lssfl.common.wire import raw_fp32_bytes
-from lssfl.proto import tensor_pb2 as pb
+from lssfl.common.wire import Message, RawData, parse_chunk, raw_fp32_bytes
 
 DOWN, UP = "down", "up"
 
@@ -20,8 +19,12 @@ class Count:
     payload: int = 0  # encoded tensor bytes (after codecs), without protobuf framing
 
 
-def message_sizes(msg: pb.ModelChunk) -> tuple[int, int, int]:
+def message_sizes(msg: Message) -> tuple[int, int, int]:
     """Serialized, raw fp32 and encoded payload bytes of one stream message."""
+    if isinstance(msg, bytes):
+        msg = parse_chunk(msg)
+    if isinstance(msg, RawData):
+        return msg.size, 0, len(msg.data)
     part = msg.WhichOneof("part")
     if part == "tensor":
         return msg.ByteSize(), raw_fp32_bytes(msg.tensor), 0

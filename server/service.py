@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lssfl.common.config import SecuritySection
+from lssfl.common.rpc import add_coordinator_servicer
 from lssfl.common.security import CA_CERT, SERVER_CERT, SERVER_KEY, TOKEN_HEADER, TOKENS, TokenTable
 from lssfl.common.wire import MAX_MESSAGE_BYTES
 from lssfl.proto import coordinator_pb2 as cpb
@@ -138,7 +139,7 @@ def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, 
     """Start the service; returns the server and the port it bound (``port=0``: any free)."""
     workers = max(16, 4 * len(coordinator.cfg.silos))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
-    cgrpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server)
+    add_coordinator_servicer(CoordinatorServicer(coordinator), server)
     # The standard gRPC health service, for load balancers and container health checks.
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -25,6 +25,7 @@ from lssfl.common.data import Split, load_split
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
 from lssfl.common.progress import progress
+from lssfl.common.rpc import coordinator_stub
 from lssfl.common.security import TOKEN_HEADER
 from lssfl.common.wire import (
     FP32,
@@ -36,7 +37,6 @@ from lssfl.common.wire import (
     stream_tensors,
 )
 from lssfl.proto import coordinator_pb2 as cpb
-from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.silo.trainers import make_trainer
 
@@ -112,7 +112,7 @@ class SiloDaemon:
             if credentials
             else grpc.insecure_channel(coordinator, options=CHANNEL_OPTIONS)
         )
-        self._stub = cgrpc.CoordinatorStub(self._channel)
+        self._stub = coordinator_stub(self._channel)
         self._stop = threading.Event()
         self._held: tuple[int, dict[str, torch.Tensor]] | None = None
         self._feedback = ErrorFeedback()

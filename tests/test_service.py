@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lssfl.common.config import parse_config
-from lssfl.common.wire import decode_model, encode_model
+from lssfl.common.rpc import coordinator_stub
+from lssfl.common.wire import decode_model, encode_model, parse_chunk
 from lssfl.proto import coordinator_pb2 as cpb
-from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.service import GRPC_OPTIONS, serve
@@ -33,7 +33,7 @@ class Harness:
         )
         self.server, port = serve(self.coordinator, "127.0.0.1", 0)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
-        self.stub = cgrpc.CoordinatorStub(self.channel)
+        self.stub = coordinator_stub(self.channel)
         self.thread = None
 
     def join(self, *silos):
@@ -136,7 +136,7 @@ def _bad_uploads(state):
     )
     good = list(encode_model(state, header))
     corrupt = list(good)
-    corrupt[2] = pb.ModelChunk(data=b"\x00" * len(good[2].data))
+    corrupt[2] = pb.ModelChunk(data=b"\x00" * len(parse_chunk(good[2]).data))
     return {
         "wrong shape": ({"w": torch.zeros(4, 8), "n": state["n"]}, None, "shape"),
         "wrong dtype": ({"w": state["w"].double(), "n": state["n"]}, None, "dtype"),

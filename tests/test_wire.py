@@ -7,10 +7,14 @@ import torch
 from lssfl.common.wire import (
     CHUNK_BYTES,
     DTYPES,
+    RawData,
     WireError,
+    data_message,
     decode_model,
     encode_model,
+    parse_chunk,
     raw_fp32_bytes,
+    to_wire,
 )
 from lssfl.proto import tensor_pb2 as pb
 
@@ -51,9 +55,9 @@ def test_roundtrip_is_bit_exact_for_every_dtype_scalar_and_empty():
 def test_large_tensor_is_split_into_chunks_of_at_most_one_mib():
     big = torch.arange(700_000, dtype=torch.float32)  # 2.8 MB
     msgs = list(encode_model({"w": big}, HEADER))
-    data = [m.data for m in msgs if m.WhichOneof("part") == "data"]
+    data = [m.data for m in map(parse_chunk, map(to_wire, msgs)) if isinstance(m, RawData)]
     assert len(data) == 3 and max(len(d) for d in data) == CHUNK_BYTES
-    assert all(m.ByteSize() < 2 * CHUNK_BYTES for m in msgs)
+    assert all(len(to_wire(m)) < 2 * CHUNK_BYTES for m in msgs)
     end = msgs[-1].end
     assert end.payload_bytes == big.numel() * 4
     assert end.sha256 == hashlib.sha256(big.numpy().tobytes()).digest()
@@ -82,8 +86,8 @@ def test_truncated_stream_is_rejected():
 
 def test_corrupted_payload_fails_the_checksum():
     msgs = _msgs()
-    i = next(i for i, m in enumerate(msgs) if m.WhichOneof("part") == "data")
-    bad = bytearray(msgs[i].data)
+    i = next(i for i, m in enumerate(msgs) if isinstance(m, bytes))
+    bad = bytearray(parse_chunk(msgs[i]).data)
     bad[0] ^= 1
     msgs[i] = pb.ModelChunk(data=bytes(bad))
     with pytest.raises(WireError, match="checksum"):
@@ -147,3 +151,17 @@ def test_random_garbage_never_crashes():
         pos = int(torch.randint(1, len(msgs), (1,), generator=g))
         with pytest.raises(WireError):
             _decode([*msgs[:pos], junk, *msgs[pos:]])
+
+
+def test_fast_data_messages_are_exactly_what_protobuf_writes():
+    for size in (0, 1, 127, 128, 300, 16384, CHUNK_BYTES):
+        piece = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        assert data_message(piece) == pb.ModelChunk(data=piece).SerializeToString()
+        parsed = parse_chunk(data_message(piece))
+        assert isinstance(parsed, RawData) and bytes(parsed.data) == piece
+    # Anything else goes through protobuf, and garbage is a WireError.
+    spec = pb.ModelChunk(tensor=pb.TensorSpec(name="a")).SerializeToString()
+    assert parse_chunk(spec).tensor.name == "a"
+    truncated = data_message(b"abc")[:-1]
+    with pytest.raises(WireError):
+        parse_chunk(truncated)

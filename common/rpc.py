@@ -1,0 +1,60 @@
+"""The Coordinator service's stub and handler registration, with fast model streams.
+
+The generated code (de)serializes every ModelChunk through protobuf. For the two model
+streams these use ``lssfl.common.wire``'s ``to_wire`` / ``parse_chunk`` instead: data
+chunks travel pre-serialized and arrive as views of the received bytes, so megabytes are
+not copied again on each side. Every other method keeps the generated behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from lssfl.common.wire import parse_chunk, to_wire
+from lssfl.proto import coordinator_pb2 as cpb
+from lssfl.proto import coordinator_pb2_grpc as cgrpc
+
+SERVICE = "lssfl.v1.Coordinator"
+
+
+def coordinator_stub(channel: grpc.Channel) -> cgrpc.CoordinatorStub:
+    stub = cgrpc.CoordinatorStub(channel)
+    stub.DownloadModel = channel.unary_stream(
+        f"/{SERVICE}/DownloadModel",
+        request_serializer=cpb.DownloadRequest.SerializeToString,
+        response_deserializer=parse_chunk,
+    )
+    stub.UploadResult = channel.stream_unary(
+        f"/{SERVICE}/UploadResult",
+        request_serializer=to_wire,
+        response_deserializer=cpb.UploadReply.FromString,
+    )
+    return stub
+
+
+def add_coordinator_servicer(servicer: cgrpc.CoordinatorServicer, server: grpc.Server) -> None:
+    def unary(method: Any, request: Any, reply: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            method,
+            request_deserializer=request.FromString,
+            response_serializer=reply.SerializeToString,
+        )
+
+    handlers = {
+        "Join": unary(servicer.Join, cpb.JoinRequest, cpb.JoinReply),
+        "GetTask": unary(servicer.GetTask, cpb.TaskRequest, cpb.Task),
+        "Heartbeat": unary(servicer.Heartbeat, cpb.HeartbeatRequest, cpb.HeartbeatReply),
+        "DownloadModel": grpc.unary_stream_rpc_method_handler(
+            servicer.DownloadModel,
+            request_deserializer=cpb.DownloadRequest.FromString,
+            response_serializer=to_wire,
+        ),
+        "UploadResult": grpc.stream_unary_rpc_method_handler(
+            servicer.UploadResult,
+            request_deserializer=parse_chunk,
+            response_serializer=cpb.UploadReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
