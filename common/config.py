@@ -59,9 +59,12 @@ class DataSection:
 class ModelSection:
     name: str = "cnn"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # "pretrain": train on the embedded public split (cached); "random": seeded init.
+    # "pretrain": train on the embedded public split (cached); "random": seeded init;
+    # "pretrained": torchvision ResNet weights, `weights` = "imagenet" or a local file
+    # (.safetensors, or a .pth state dict), classifier head replaced for the task.
     init: str = "pretrain"
     pretrain_epochs: int = 20
+    weights: str | None = None
 
 
 @dataclass
@@ -176,8 +179,14 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("security.mutual_tls needs security.tls")
     if cfg.data.kind not in ("embedded", "folders"):
         raise ConfigError(f"data.kind must be 'embedded' or 'folders', got {cfg.data.kind!r}")
-    if cfg.model.init not in ("pretrain", "random"):
-        raise ConfigError(f"model.init must be 'pretrain' or 'random', got {cfg.model.init!r}")
+    if cfg.model.init not in ("pretrain", "random", "pretrained"):
+        raise ConfigError(
+            f"model.init must be 'pretrain', 'random' or 'pretrained', got {cfg.model.init!r}"
+        )
+    if cfg.model.init == "pretrained" and (
+        cfg.model.name not in ("resnet18", "resnet50") or not cfg.model.weights
+    ):
+        raise ConfigError("model.init 'pretrained' needs model.name resnet18/resnet50 and weights")
     if cfg.model.init == "pretrain" and cfg.data.kind != "embedded":
         raise ConfigError("model.init 'pretrain' needs data.kind 'embedded'")
     try:

@@ -58,7 +58,13 @@ def _resnet18(num_classes: int = 10) -> nn.Module:
     return resnet18(num_classes=num_classes)
 
 
-_BUILDERS = {"cnn": SmallCNN, "mlp": MLP, "resnet18": _resnet18}
+def _resnet50(num_classes: int = 10) -> nn.Module:
+    from torchvision.models import resnet50
+
+    return resnet50(num_classes=num_classes)
+
+
+_BUILDERS = {"cnn": SmallCNN, "mlp": MLP, "resnet18": _resnet18, "resnet50": _resnet50}
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:

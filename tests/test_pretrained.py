@@ -164,3 +164,26 @@ def test_imagenet_weights_are_loaded_safely(monkeypatch: pytest.MonkeyPatch) -> 
 def test_resnet50_random_init_head() -> None:
     model = pretrained_model("resnet50", 12, None)
     assert model.fc.in_features == 2048 and model.fc.out_features == 12
+
+
+def test_coordinator_builds_the_initial_model_from_a_local_weights_file(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    from lssfl.common.config import parse_config
+    from lssfl.server.initial import initial_state
+
+    torch.manual_seed(1)
+    source = resnet18(num_classes=1000).state_dict()
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.items()}, str(path))
+    cfg = parse_config({
+        "silos": ["a"], "data": {"kind": "folders"},
+        "model": {"name": "resnet18", "kwargs": {"num_classes": 7}, "init": "pretrained",
+                  "weights": str(path)},
+    })  # fmt: skip
+    state = initial_state(cfg, None)
+    assert state["fc.weight"].shape == (7, 512)
+    for name, value in source.items():
+        if not name.startswith("fc."):
+            assert torch.equal(state[name], value), name
