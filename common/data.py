@@ -421,7 +421,7 @@ def _is_cached(layout: EmbeddedLayout, expected: dict[str, Any]) -> bool:
     return all((d / DATA_FILE).is_file() and (d / META_FILE).is_file() for d in dirs)
 
 
-def _remove_stale_silos(root: Path, num_silos: int) -> None:
+def remove_stale_silos(root: Path, num_silos: int) -> None:
     """Drop silo folders left by an earlier, larger layout, but only ones that we wrote."""
     ours = {DATA_FILE, META_FILE}
     for child in root.iterdir():
@@ -472,7 +472,7 @@ def materialize_embedded(
     root.mkdir(parents=True, exist_ok=True)
     # Drop the manifest first: a rewrite interrupted halfway must not look like a cache hit.
     (root / MANIFEST_FILE).unlink(missing_ok=True)
-    _remove_stale_silos(root, num_silos)
+    remove_stale_silos(root, num_silos)
     pretrain, test, silos = _split_indices(num_silos, alpha, seed)
     common = {"source": GENERATOR_VERSION, "seed": seed, "num_classes": NUM_CLASSES}
 

@@ -23,8 +23,6 @@ import argparse
 import json
 import math
 import os
-import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +53,6 @@ EPILOG = """examples:
   lssfl partition --dataset mnist --root ~/data --out data/mnist --silos 3 --scheme iid \\
       --channels 3 --download"""
 
-_SILO_DIR_RE = re.compile(r"^silo-(\d+)$")
 
 
 # --------------------------------------------------------------------------- index splitting
@@ -172,7 +169,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _prepare_out(out: Path, root: Path, num_silos: int, folder_dataset: bool) -> None:
     """Create ``out``; drop our own leftovers from an earlier, larger partition."""
-    from lssfl.common.data import DATA_FILE, META_FILE, DataError
+    from lssfl.common.data import DataError, remove_stale_silos
 
     out_r, root_r = out.resolve(), root.resolve()
     if out_r == root_r or (folder_dataset and root_r in out_r.parents):
@@ -183,16 +180,7 @@ def _prepare_out(out: Path, root: Path, num_silos: int, folder_dataset: bool) ->
     out.mkdir(parents=True, exist_ok=True)
     # A rewrite cut short must not leave a summary describing the old split.
     (out / SUMMARY_FILE).unlink(missing_ok=True)
-    ours = {DATA_FILE, META_FILE}
-    for child in out.iterdir():
-        m = _SILO_DIR_RE.match(child.name)
-        if (
-            m
-            and int(m.group(1)) > num_silos
-            and child.is_dir()
-            and {p.name for p in child.iterdir()} <= ours
-        ):
-            shutil.rmtree(child)
+    remove_stale_silos(out, num_silos)
 
 
 def _split_record(name: str, domain: str, y: np.ndarray, num_classes: int) -> dict[str, Any]:

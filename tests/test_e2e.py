@@ -3,15 +3,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
 
 import numpy as np
 from safetensors.numpy import load_file
 
 from lssfl.common.data import load_split, save_split
-from tests.conftest import lssfl_cmd, read_jsonl, run_lssfl
+from tests.conftest import free_port, lssfl_cmd, read_jsonl, run_lssfl, wait_for
 
 
 def test_lssfl_run_three_silos_aggregate_matches_independent_average(tmp_path, write_config):
@@ -61,21 +59,6 @@ def test_lssfl_run_three_silos_aggregate_matches_independent_average(tmp_path, w
     assert (run_dir / "report.md").exists() and (run_dir / "metrics.csv").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_config):
     # Silos with their own data folders; silo-3 holds 40x more data, so it is still
     # training when it is killed.
@@ -109,7 +92,7 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
 
     try:
         # silo-1 starts first and must wait (backoff) until the coordinator is up.
-        port = _free_port()
+        port = free_port()
         address = f"127.0.0.1:{port}"
 
         def start_silo(silo):
@@ -125,10 +108,10 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
             )
 
         start_silo("silo-1")
-        _wait_for(lambda: "unavailable" in (logs / "silo-1.log").read_text(), 60, "silo-1 retry")
+        wait_for(lambda: "unavailable" in (logs / "silo-1.log").read_text(), 60, "silo-1 retry")
         start("coordinator", "coordinator", "--config", str(config), "--run-dir", str(run_dir),
               "--port", str(port))  # fmt: skip
-        _wait_for(lambda: (run_dir / "coordinator.addr").exists(), 120, "coordinator")
+        wait_for(lambda: (run_dir / "coordinator.addr").exists(), 120, "coordinator")
         assert (run_dir / "coordinator.addr").read_text() == address
         start_silo("silo-2")
         start_silo("silo-3")
@@ -142,7 +125,7 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
             "lssfl: error: the coordinator refused silo 'mallory': unknown silo 'mallory'"
         )
 
-        _wait_for(
+        wait_for(
             lambda: "round=1 silo=silo-3 downloaded" in (logs / "silo-3.log").read_text(),
             120,
             "silo-3 to start round 1",
@@ -218,7 +201,7 @@ def test_ctrl_c_stops_coordinator_and_silos(tmp_path, write_config):
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_for(lambda: len(_read(run_dir / "metrics.jsonl").splitlines()) >= 2, 120, "round 1")
+        wait_for(lambda: len(_read(run_dir / "metrics.jsonl").splitlines()) >= 2, 120, "round 1")
         assert len(_processes_mentioning(str(tmp_path))) == 5  # launcher, coordinator, 3 silos
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(30) == 130
@@ -228,7 +211,7 @@ def test_ctrl_c_stops_coordinator_and_silos(tmp_path, write_config):
         out.close()
     assert "interrupted: stopping coordinator and silos" in _read(tmp_path / "launcher.out")
     assert "stopped before the end of the run" in _read(run_dir / "logs" / "coordinator.log")
-    _wait_for(lambda: not _processes_mentioning(str(tmp_path)), 10, "children to exit")
+    wait_for(lambda: not _processes_mentioning(str(tmp_path)), 10, "children to exit")
     # What was finished is kept: every line of metrics.jsonl is whole.
     assert all(
         json.loads(line)["round"] >= 0 for line in _read(run_dir / "metrics.jsonl").splitlines()

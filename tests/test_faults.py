@@ -7,16 +7,14 @@ SIGKILL itself at one instant; "training" is a SIGKILL sent by the test while si
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import lssfl_cmd, make_config, read_jsonl
+from tests.conftest import free_port, lssfl_cmd, make_config, read_jsonl, wait_for
 
 ROUNDS = 3
 SILOS = ("silo-1", "silo-2")
@@ -29,28 +27,13 @@ SECTIONS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class Cluster:
     def __init__(self, tmp_path: Path, config: Path, name: str) -> None:
         self.config = config
         self.run_dir = tmp_path / name
         self.logs = tmp_path / f"{name}-logs"
         self.logs.mkdir()
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.data = config.parent / "data"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -160,7 +143,7 @@ def test_coordinator_killed_and_resumed_matches_uninterrupted(tmp_path, base, re
 
 def test_coordinator_killed_during_training(tmp_path, base, reference):
     def kill(cluster):
-        _wait_for(
+        wait_for(
             lambda: "round=2 silo=silo-1 downloaded" in cluster.log_text("silo-1"), 120, "round 2"
         )
         cluster.procs["coordinator"].send_signal(signal.SIGKILL)

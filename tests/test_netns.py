@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import read_jsonl
-from tests.test_faults import _free_port, _wait_for
+from tests.conftest import free_port, read_jsonl, wait_for
 
 NS = f"lssfl-t{os.getpid()}"
 HOST_IF, NS_IF = f"lsv{os.getpid() % 100000}a", f"lsv{os.getpid() % 100000}b"
@@ -64,7 +63,7 @@ def virtual_host():
 
 
 def test_cut_and_restored_link_mid_round(tmp_path, write_config, virtual_host):
-    port = _free_port()
+    port = free_port()
     config = write_config(
         silos=["silo-1", "silo-2"],
         model={"init": "random"},
@@ -97,10 +96,10 @@ def test_cut_and_restored_link_mid_round(tmp_path, write_config, virtual_host):
         )
     ]
     try:
-        _wait_for(lambda: (run_dir / "coordinator.addr").exists(), 120, "coordinator")
+        wait_for(lambda: (run_dir / "coordinator.addr").exists(), 120, "coordinator")
         procs.append(silo("silo-1", []))
         procs.append(silo("silo-2", ["ip", "netns", "exec", NS]))  # its own virtual host
-        _wait_for(
+        wait_for(
             lambda: "round=1 silo=silo-2 downloaded" in logs["silo-2"].read_text(), 120, "round 1"
         )
         assert _ip("link", "set", HOST_IF, "down").returncode == 0  # cut silo-2 off
