@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -244,6 +244,12 @@ class DecodedModel:
     payload_bytes: int
 
 
+def _absorb(dest: np.ndarray, at: int, piece: memoryview, digest: Any) -> None:
+    # Both the copy and the hash release the GIL: the main thread keeps receiving.
+    dest[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+    digest.update(piece)
+
+
 @functools.lru_cache(maxsize=1)
 def _hasher() -> ThreadPoolExecutor:
     # One worker: updates run in submission order.
@@ -340,7 +346,8 @@ def decode_model(
     buf = torch.empty(0, dtype=torch.uint8)
     dest = buf.numpy()
     filled = 0
-    # SHA-256 runs on a helper thread (hashlib releases the GIL), overlapping the copies.
+    # Copying into tensor memory and SHA-256 run on a helper thread (both release the GIL),
+    # in order, while this thread receives the next chunks.
     hashing: list[Future[None]] = []
 
     def finish_tensor() -> None:
@@ -348,7 +355,14 @@ def decode_model(
             return
         if filled != spec.nbytes:
             raise WireError(f"tensor {spec.name!r}: got {filled} of {spec.nbytes} bytes")
+        if codec is not None or spec.delta:
+            settle()  # these read the bytes now; a raw tensor is only a view until the end
         state[spec.name] = _decode_tensor(spec, codec, buf, reference)
+
+    def settle() -> None:
+        for job in hashing:
+            job.result()
+        hashing.clear()
 
     for raw_msg in it:
         part, msg = _part(raw_msg)
@@ -366,15 +380,13 @@ def decode_model(
             piece = msg.data
             if filled + len(piece) > spec.nbytes:
                 raise WireError(f"tensor {spec.name!r}: more than {spec.nbytes} bytes")
-            dest[filled : filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            hashing.append(_hasher().submit(_absorb, dest, filled, piece, digest))
             filled += len(piece)
-            hashing.append(_hasher().submit(digest.update, piece))
         elif part == "end":
             end = msg.end
             if filled != (spec.nbytes if spec else 0):
                 raise WireError(f"tensor {spec.name!r}: got {filled} of {spec.nbytes} bytes")
-            for job in hashing:
-                job.result()
+            settle()
             if end.sha256 != digest.digest():
                 raise WireError("checksum mismatch: the payload was corrupted in transit")
             finish_tensor()

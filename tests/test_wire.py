@@ -165,3 +165,13 @@ def test_fast_data_messages_are_exactly_what_protobuf_writes():
     truncated = data_message(b"abc")[:-1]
     with pytest.raises(WireError):
         parse_chunk(truncated)
+
+
+def test_delta_tensors_add_to_the_reference_and_need_one():
+    ref = {"w": torch.arange(300_000, dtype=torch.float32)}  # > 1 chunk: copied in pieces
+    msgs = list(encode_model({"w": torch.ones(300_000)}, HEADER))
+    msgs[1].tensor.delta = True
+    out = decode_model(msgs, header_kind="download", max_payload_bytes=1 << 30, reference=ref)
+    assert torch.equal(out.state["w"], ref["w"] + 1)
+    with pytest.raises(WireError, match="without a matching reference"):
+        _decode(msgs)
