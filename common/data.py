@@ -323,7 +323,7 @@ def apply_domain(x: torch.Tensor, domain: str, seed: int = 0) -> torch.Tensor:
     raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
 
 
-def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     """Integer counts summing to ``total`` as close as possible to ``weights`` shares."""
     share = weights / weights.sum() * total
     counts = np.floor(share).astype(np.int64)
@@ -353,7 +353,7 @@ def _partition_pool(
     pool_labels = labels[pool]
     for c in range(NUM_CLASSES):
         members = pool[pool_labels == c]
-        counts = _largest_remainder(props[:, c], len(members))
+        counts = largest_remainder(props[:, c], len(members))
         for silo, chunk in enumerate(np.split(members, np.cumsum(counts)[:-1])):
             parts[silo].extend(chunk.tolist())
     # Top up starved silos from the largest one so every silo can still train.

@@ -54,19 +54,7 @@ EPILOG = """examples:
       --channels 3 --download"""
 
 
-
 # --------------------------------------------------------------------------- index splitting
-
-
-def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts summing to ``total``, as close as possible to ``weights`` shares."""
-    share = weights / weights.sum() * total
-    counts = np.floor(share).astype(np.int64)
-    short = total - int(counts.sum())
-    if short > 0:
-        order = np.argsort(-(share - counts), kind="stable")
-        counts[order[:short]] += 1
-    return counts
 
 
 def min_silo_samples(num_samples: int, num_silos: int) -> int:
@@ -96,6 +84,8 @@ def dirichlet_split(
     Draws leaving a silo under :func:`min_silo_samples` are redrawn; if that keeps failing
     (tiny alpha, many silos), starved silos take random samples from the largest one.
     """
+    from lssfl.common.data import largest_remainder
+
     _check_counts(len(labels), num_silos)
     check_alpha(alpha)
     floor = min_silo_samples(len(labels), num_silos)
@@ -106,7 +96,7 @@ def dirichlet_split(
             shares = rng.dirichlet(np.full(num_silos, alpha))
             # Tiny alphas can underflow to all zeros (then NaN); fall back to one winner.
             shares = np.nan_to_num(shares, nan=0.0) + 1e-12
-            counts = _largest_remainder(shares, len(members))
+            counts = largest_remainder(shares, len(members))
             for silo, chunk in enumerate(np.split(members, np.cumsum(counts)[:-1])):
                 parts[silo].extend(chunk.tolist())
         if min(len(p) for p in parts) >= floor:

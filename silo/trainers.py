@@ -116,19 +116,13 @@ class FedAvgTrainer:
 
 
 @dataclass
-class FedProxTrainer:
+class FedProxTrainer(FedAvgTrainer):
     """FedAvg plus a proximal term (mu/2) ||w - w_global||^2 (Li et al., 2020).
 
     The term's gradient, mu (w - w_global), is added to the gradients by hand, so no graph is
     built for it. ``train_loss`` is the cross-entropy alone. mu = 0 is FedAvg, bit for bit.
     """
 
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
     mu: float = 0.01
 
     def __post_init__(self) -> None:
@@ -161,7 +155,7 @@ class FedProxTrainer:
 
 
 @dataclass
-class SWATrainer:
+class SWATrainer(FedAvgTrainer):
     """Local stochastic weight averaging (Izmailov et al., 2018).
 
     Plain local epochs; the upload is the uniform average of the weights at the end of every
@@ -170,12 +164,6 @@ class SWATrainer:
     for the averaged weights (that would cost another pass over the data).
     """
 
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
     swa_start: int = 0
 
     def __post_init__(self) -> None:
