@@ -509,9 +509,6 @@ class ErrorFeedback:
     def residual(self, name: str) -> torch.Tensor | None:
         return self._residual.get(name)
 
-    def reset(self) -> None:
-        self._residual.clear()
-
     def compress(self, update: Mapping[str, torch.Tensor], spec: CodecSpec) -> dict[str, bytes]:
         payloads: dict[str, bytes] = {}
         residual: dict[str, torch.Tensor] = {}

@@ -76,8 +76,6 @@ def raw_fp32_bytes(spec: pb.TensorSpec) -> int:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
-    if t.dtype not in DTYPE_NAMES:
-        raise WireError(f"dtype {t.dtype} cannot be sent")
     if t.numel() == 0:  # views of empty tensors may have stride 0, which numpy refuses
         return memoryview(b"")
     # A uint8 view works for every dtype, bfloat16 included, without copying.
@@ -192,7 +190,8 @@ def to_wire(msg: Message) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
-def _part(msg: Message) -> tuple[str | None, pb.ModelChunk | RawData]:
+def part_of(msg: Message) -> tuple[str | None, pb.ModelChunk | RawData]:
+    """Which part of the ``ModelChunk`` oneof a message holds, however it arrived."""
     if isinstance(msg, bytes):
         msg = parse_chunk(msg)
     if isinstance(msg, RawData):
@@ -251,9 +250,9 @@ def _absorb(dest: np.ndarray, at: int, piece: memoryview, digest: Any) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _hasher() -> ThreadPoolExecutor:
-    # One worker: updates run in submission order.
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+def _absorber() -> ThreadPoolExecutor:
+    # One worker: copies and hash updates run in submission order.
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lssfl-absorb")
 
 
 @functools.lru_cache(maxsize=64)
@@ -335,7 +334,7 @@ def decode_model(
     """
     it = iter(chunks)
     first = next(it, None)
-    kind, header = _part(first) if first is not None else (None, None)
+    kind, header = part_of(first) if first is not None else (None, None)
     if kind != header_kind:
         raise WireError(f"stream must start with a {header_kind} header")
     state: dict[str, torch.Tensor] = {}
@@ -365,7 +364,7 @@ def decode_model(
         hashing.clear()
 
     for raw_msg in it:
-        part, msg = _part(raw_msg)
+        part, msg = part_of(raw_msg)
         if part == "tensor":
             finish_tensor()
             spec = msg.tensor
@@ -380,7 +379,7 @@ def decode_model(
             piece = msg.data
             if filled + len(piece) > spec.nbytes:
                 raise WireError(f"tensor {spec.name!r}: more than {spec.nbytes} bytes")
-            hashing.append(_hasher().submit(_absorb, dest, filled, piece, digest))
+            hashing.append(_absorber().submit(_absorb, dest, filled, piece, digest))
             filled += len(piece)
         elif part == "end":
             end = msg.end

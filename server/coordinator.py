@@ -26,11 +26,11 @@ from lssfl.common.faults import crash_point
 from lssfl.common.seeding import derive_seed
 from lssfl.common.wire import (
     FP32,
-    RawData,
     WireError,
     WireTensor,
     decode_model,
     pack_state,
+    part_of,
     stream_tensors,
     to_wire,
 )
@@ -116,12 +116,14 @@ class Coordinator:
         # What silos hold after this round's download: equal to global_state unless a lossy
         # downlink codec is on. Uploads are decoded against it.
         self._broadcast: dict[str, torch.Tensor] | None = None
-        self._broadcast_round = -1
         self._last_record: dict | None = None
         self.codec_down = parse_codec(cfg.compression.downlink)
         self.codec_up = parse_codec(cfg.compression.uplink)
         self._stopping = threading.Event()
         self.algorithm = str(cfg.trainer.get("name", "fedavg"))
+        # Every task carries these; serialized once, not on each long poll.
+        self._model_json = json.dumps(cfg.model_spec, sort_keys=True)
+        self._trainer_json = json.dumps(cfg.trainer, sort_keys=True)
 
     # ------------------------------------------------------------------ RPC side
 
@@ -179,8 +181,8 @@ class Coordinator:
                 run_id=self.run_id,
                 round=self._round,
                 seed=derive_seed(self.cfg.run.seed, self._round, silo_id),
-                model_json=_json(self.cfg.model_spec),
-                trainer_json=_json(self.cfg.trainer),
+                model_json=self._model_json,
+                trainer_json=self._trainer_json,
                 deadline_unix_s=time.time() + (self._deadline - time.monotonic()),
                 uplink_codec=self.codec_up.name,
             )
@@ -231,10 +233,11 @@ class Coordinator:
     ) -> cpb.UploadReply:
         it = iter(chunks)
         first = next(it, None)
-        if first is None or isinstance(first, RawData) or first.WhichOneof("part") != "upload":
+        kind, head_msg = part_of(first) if first is not None else (None, None)
+        if kind != "upload":
             log.warning("rejected upload: upload must start with its header")
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header")
-        head = first.upload
+        head = head_msg.upload
         silo, round_num = head.silo_id, head.round
         authorize(silo)
         with self._cond:
@@ -332,7 +335,7 @@ class Coordinator:
         """Encode this round's model once: in full, and as a change for silos that hold the
         previous round's model (delta_downlink). Also fixes what silos will hold."""
         header = pb.ModelChunk(download=pb.DownloadHeader(run_id=self.run_id, round=round_num))
-        prev = self._broadcast if self._broadcast_round == round_num - 1 else None
+        prev = self._broadcast  # rounds run in order: this is the previous round's
         if self.cfg.compression.delta_downlink and prev is not None:
             dheader = pb.ModelChunk()
             dheader.CopyFrom(header)
@@ -354,7 +357,7 @@ class Coordinator:
                 (m for m, _ in full), header_kind="download", max_payload_bytes=1 << 62
             ).state
             download = _Download(full)
-        self._broadcast, self._broadcast_round = held, round_num
+        self._broadcast = held
         return download
 
     def _wanted(self) -> int:
@@ -560,7 +563,3 @@ def check_state(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return f"tensor {name!r} holds NaN or infinite values"
     return None
-
-
-def _json(obj: object) -> str:
-    return json.dumps(obj, sort_keys=True)

@@ -6,7 +6,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
-from lssfl.common.wire import Message, RawData, parse_chunk, raw_fp32_bytes
+from lssfl.common.wire import Message, RawData, part_of, raw_fp32_bytes
 
 DOWN, UP = "down", "up"
 
@@ -21,16 +21,13 @@ class Count:
 
 def message_sizes(msg: Message) -> tuple[int, int, int]:
     """Serialized, raw fp32 and encoded payload bytes of one stream message."""
-    if isinstance(msg, bytes):
-        msg = parse_chunk(msg)
-    if isinstance(msg, RawData):
-        return msg.size, 0, len(msg.data)
-    part = msg.WhichOneof("part")
+    part, chunk = part_of(msg)
+    size = chunk.size if isinstance(chunk, RawData) else chunk.ByteSize()
     if part == "tensor":
-        return msg.ByteSize(), raw_fp32_bytes(msg.tensor), 0
+        return size, raw_fp32_bytes(chunk.tensor), 0
     if part == "data":
-        return msg.ByteSize(), 0, len(msg.data)
-    return msg.ByteSize(), 0, 0
+        return size, 0, len(chunk.data)
+    return size, 0, 0
 
 
 class Meter:

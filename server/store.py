@@ -205,10 +205,6 @@ class RoundStore:
                 (silo_id, status, num_samples, device, time.time()),
             )
 
-    def integrity_check(self) -> str:
-        with self._lock:
-            return self._db.execute("PRAGMA integrity_check").fetchone()[0]
-
     # -------------------------------------------------------------- files
 
     def save_upload(self, round_num: int, silo_id: str, state: dict[str, torch.Tensor]) -> None:
