@@ -6,6 +6,7 @@ SIGKILL itself at one instant; "training" is a SIGKILL sent by the test while si
 """
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -178,3 +179,31 @@ def test_changed_config_is_refused_on_resume(base, reference):
     con = sqlite3.connect(root / "reference" / "state.db")
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT max(round) FROM rounds").fetchone()[0] == ROUNDS
+
+
+def test_corrupted_checkpoint_is_refused_on_resume(tmp_path, base, reference):
+    root, config = base
+    run_dir = tmp_path / "copy"
+    shutil.copytree(root / "reference", run_dir)
+    last = run_dir / "checkpoints" / f"round-{ROUNDS:04d}.safetensors"
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF
+    last.write_bytes(bytes(data))
+    proc = subprocess.run(
+        lssfl_cmd("coordinator", "--config", str(config), "--run-dir", str(run_dir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert f"checkpoint round-{ROUNDS:04d}.safetensors does not match its recorded SHA-256" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    # Nothing was rewritten: the database and the other checkpoints are as they were.
+    con = sqlite3.connect(run_dir / "state.db")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT max(round) FROM rounds").fetchone()[0] == ROUNDS
+    assert (run_dir / "checkpoints" / "round-0002.safetensors").read_bytes() == (
+        root / "reference" / "checkpoints" / "round-0002.safetensors"
+    ).read_bytes()

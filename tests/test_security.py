@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lssfl.common.config import parse_config
+from lssfl.common.data import save_split
 from lssfl.common.security import CA_CERT, make_certs, silo_files
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
@@ -124,3 +125,26 @@ def test_lssfl_run_with_tls_and_tokens_end_to_end(tmp_path, write_config):
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert records[-1]["round"] == 1 and records[-1]["num_results"] == 2
     assert (tmp_path / "certs" / "tokens.json").exists()
+
+
+def test_silo_credential_errors_are_one_line(tmp_path, certs):
+    folder, _ = certs
+    data = tmp_path / "data"
+    save_split(data, torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    base = ["silo", "--coordinator", "127.0.0.1:9", "--silo-id", "silo-1", "--data", str(data)]
+    cases = [
+        (["--cert", str(folder / "silo-1.pem")], "--cert/--key need --ca"),
+        (["--token-file", str(tmp_path / "nope.token")], "cannot read token file"),
+        (["--ca", str(folder / CA_CERT), "--cert", str(folder / "silo-1.pem")], "go together"),
+    ]
+    for extra, message in cases:
+        proc = run_lssfl(*base, *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("lssfl: error: ") and message in proc.stderr
+        assert proc.stderr.count("\n") == 1
+
+
+def test_health_of_an_unreachable_coordinator_is_one_line():
+    proc = run_lssfl("health", "127.0.0.1:9", "--timeout", "2")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("lssfl: error: 127.0.0.1:9: UNAVAILABLE")
