@@ -1,9 +1,20 @@
 """gRPC model download through the real service against a plain TCP socket, same bytes.
 
-A child process serves a ResNet-18 state dict (44.7 MB fp32) twice: as the coordinator
-service (DownloadModel of an open round) and as a bare socket that sends the same tensor
-bytes. This process receives each and rebuilds the tensors ("tensors in, tensors out"),
-times the median of several transfers, and prints JSON with grpc_s / socket_s.
+Child processes serve a ResNet-18 state dict (44.7 MB fp32) three ways: as the coordinator
+service (DownloadModel of an open round), as a bare Python gRPC stream of the same
+pre-serialized messages, and as a plain socket sending the same tensor bytes. This process
+receives each and rebuilds the tensors ("tensors in, tensors out"), interleaving the three
+so they share the machine's load, and prints JSON with the medians.
+
+``ratio`` is grpc_s / socket_s. The socket reads into one newly mapped buffer, the way a
+receiver that allocates per transfer does; it is mapped explicitly because a bytearray
+sometimes got pages glibc had kept from the previous transfer, which made the baseline
+12 ms in one run and 40 ms in the next. The decoder allocates new tensors through torch,
+which usually also means new pages (about 10k faults for 44.8 MB) and sometimes reused
+ones: ``page_faults`` shows which happened. Two more figures bound what is ours:
+``grpc_bare_s`` is the same stream read without decoding (the cost of Python gRPC itself)
+and ``socket_warm_s`` the socket reading into tensors whose pages are already mapped (the
+floor of any receiver here).
 
     python bench/transport.py --json
 """
@@ -12,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import resource
 import socket
 import statistics
 import struct
@@ -51,6 +64,31 @@ def serve_grpc(model: str, port_file: Path) -> None:
     server.wait_for_termination()
 
 
+def serve_bare(model: str, port_file: Path) -> None:
+    from concurrent import futures
+
+    import grpc
+
+    from lssfl.common.rpc import GRPC_OPTIONS
+    from lssfl.common.wire import pack_state, stream_tensors, to_wire
+    from lssfl.proto import tensor_pb2 as pb
+
+    header = pb.ModelChunk(download=pb.DownloadHeader(round=1))
+    messages = [to_wire(m) for m in stream_tensors(pack_state(state_dict(model)), header)]
+    handler = grpc.method_handlers_generic_handler("bench.Bare", {
+        "Download": grpc.unary_stream_rpc_method_handler(
+            lambda request, context: iter(messages),
+            request_deserializer=bytes, response_serializer=bytes,
+        ),
+    })  # fmt: skip
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    port_file.write_text(json.dumps({"port": port}))
+    server.wait_for_termination()
+
+
 def serve_socket(model: str, port_file: Path) -> None:
     from lssfl.common.wire import pack_state
 
@@ -69,15 +107,15 @@ def serve_socket(model: str, port_file: Path) -> None:
                     conn.sendall(t.data)
 
 
-def fetch_grpc(port: int) -> float:
+def fetch_grpc(port: int, like: dict[str, torch.Tensor]) -> float:
     import grpc
 
-    from lssfl.common.rpc import coordinator_stub
-    from lssfl.common.wire import MAX_MESSAGE_BYTES, decode_model
+    from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
+    from lssfl.common.wire import decode_model
     from lssfl.proto import coordinator_pb2 as cpb
 
-    opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) as channel:
+    # The silo daemon's channel options.
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
         stub = coordinator_stub(channel)
         stub.Join(cpb.JoinRequest(silo_id="bench", num_samples=1), timeout=10)
         while stub.GetTask(cpb.TaskRequest(silo_id="bench"), timeout=10).kind != cpb.Task.TRAIN:
@@ -86,29 +124,61 @@ def fetch_grpc(port: int) -> float:
         stream = stub.DownloadModel(cpb.DownloadRequest(silo_id="bench", round=1), timeout=60)
         decoded = decode_model(stream, header_kind="download", max_payload_bytes=1 << 34)
         elapsed = time.perf_counter() - t0
-    assert decoded.state
+    assert all(torch.equal(decoded.state[k], like[k]) for k in like)
     return elapsed
 
 
+def fetch_bare(port: int, like: dict[str, torch.Tensor]) -> float:
+    import grpc
+
+    from lssfl.common.rpc import CHANNEL_OPTIONS
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        download = channel.unary_stream("/bench.Bare/Download", bytes, bytes)
+        t0 = time.perf_counter()
+        received = sum(len(m) for m in download(b"", timeout=60))
+        elapsed = time.perf_counter() - t0
+    assert received > sum(t.numel() * t.element_size() for t in like.values())
+    return elapsed
+
+
+def _recv_exactly(conn: socket.socket, view: memoryview) -> None:
+    filled = 0
+    while filled < len(view):
+        n = conn.recv_into(view[filled:])
+        if n == 0:
+            raise ConnectionError("socket closed early")
+        filled += n
+
+
 def fetch_socket(port: int, like: dict[str, torch.Tensor]) -> float:
+    """Into one freshly mapped buffer; the tensors are views of it."""
     with socket.create_connection(("127.0.0.1", port)) as conn:
         t0 = time.perf_counter()
         (total,) = struct.unpack("<Q", conn.recv(8, socket.MSG_WAITALL))
-        buf = bytearray(total)
-        view, got = memoryview(buf), 0
-        while got < total:
-            n = conn.recv_into(view[got:], total - got)
-            if n == 0:
-                raise ConnectionError("socket closed early")
-            got += n
-        # Tensors out, as the gRPC path does.
+        buf = mmap.mmap(-1, total)
+        _recv_exactly(conn, memoryview(buf))
         offset, out = 0, {}
         for name, t in like.items():
-            nbytes = t.numel() * t.element_size()
             out[name] = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=offset)
-            offset += nbytes
+            offset += t.numel() * t.element_size()
         elapsed = time.perf_counter() - t0
-    assert offset == total
+    assert offset == total and all(torch.equal(out[k].view(like[k].shape), like[k]) for k in like)
+    return elapsed
+
+
+def fetch_socket_warm(
+    port: int, like: dict[str, torch.Tensor], into: dict[str, torch.Tensor]
+) -> float:
+    """Straight into existing tensors whose pages are mapped already."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        t0 = time.perf_counter()
+        conn.recv(8, socket.MSG_WAITALL)
+        for t in into.values():
+            _recv_exactly(conn, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        elapsed = time.perf_counter() - t0
+    assert all(torch.equal(into[k], like[k]) for k in like)
     return elapsed
 
 
@@ -118,38 +188,55 @@ def _ready(port_file: Path, proc: subprocess.Popen) -> bool:
     return port_file.exists() and bool(port_file.read_text())
 
 
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+SERVERS = {"grpc": serve_grpc, "bare": serve_bare, "socket": serve_socket}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--serve", choices=["grpc", "socket"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        (serve_grpc if args.serve == "grpc" else serve_socket)(args.model, args.port_file)
+        SERVERS[args.serve](args.model, args.port_file)
         return
 
     like = state_dict(args.model)
     mb = sum(t.numel() * t.element_size() for t in like.values()) / 1e6
-    times: dict[str, list[float]] = {"grpc": [], "socket": []}
-    servers = {}
+    warm = {k: torch.zeros_like(t) for k, t in like.items()}
+    ports, procs = {}, []
     try:
-        for mode in ("grpc", "socket"):
+        for mode in SERVERS:
             port_file = Path(tempfile.mkdtemp()) / "port"
-            proc = subprocess.Popen(
+            procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--serve", mode, "--model", args.model,
                  "--port-file", str(port_file)]
-            )  # fmt: skip
-            while not _ready(port_file, proc):
+            ))  # fmt: skip
+            while not _ready(port_file, procs[-1]):
                 time.sleep(0.05)
-            servers[mode] = (proc, json.loads(port_file.read_text()))
-        # Interleaved, so both see the same machine load.
-        for _ in range(args.repeats + 1):
-            times["grpc"].append(fetch_grpc(servers["grpc"][1]["port"]))
-            times["socket"].append(fetch_socket(servers["socket"][1]["port"], like))
+            ports[mode] = json.loads(port_file.read_text())["port"]
+        fetches = {
+            "grpc": lambda: fetch_grpc(ports["grpc"], like),
+            "grpc_bare": lambda: fetch_bare(ports["bare"], like),
+            "socket": lambda: fetch_socket(ports["socket"], like),
+            "socket_warm": lambda: fetch_socket_warm(ports["socket"], like, warm),
+        }
+        times: dict[str, list[float]] = {k: [] for k in fetches}
+        faults: dict[str, list[int]] = {k: [] for k in fetches}
+        order = list(fetches)
+        for i in range(args.repeats + 1):  # the first round warms up and is dropped
+            for name in order[i % len(order) :] + order[: i % len(order)]:  # rotated
+                before = _faults()
+                times[name].append(fetches[name]())
+                faults[name].append(_faults() - before)
     finally:
-        for proc, _ in servers.values():
+        for proc in procs:
             proc.kill()
     from lssfl.common.wire import pack_state, stream_tensors
     from lssfl.proto import tensor_pb2 as pb
@@ -158,16 +245,20 @@ def main() -> None:
     t0 = time.perf_counter()
     list(stream_tensors(pack_state(like), pb.ModelChunk(download=pb.DownloadHeader(round=1))))
     encode_s = time.perf_counter() - t0
-    grpc_s = statistics.median(times["grpc"][1:])  # the first of each warms up
-    socket_s = statistics.median(times["socket"][1:])
+    s = {k: statistics.median(v[1:]) for k, v in times.items()}
     result = {
         "model": args.model,
         "mb": round(mb, 2),
-        "grpc_s": round(grpc_s, 4),
-        "socket_s": round(socket_s, 4),
-        "ratio": round(grpc_s / socket_s, 3),
-        "grpc_MBps": round(mb / grpc_s, 1),
-        "socket_MBps": round(mb / socket_s, 1),
+        "grpc_s": round(s["grpc"], 4),
+        "socket_s": round(s["socket"], 4),
+        "ratio": round(s["grpc"] / s["socket"], 3),
+        "grpc_MBps": round(mb / s["grpc"], 1),
+        "socket_MBps": round(mb / s["socket"], 1),
+        "grpc_bare_s": round(s["grpc_bare"], 4),
+        "socket_warm_s": round(s["socket_warm"], 4),
+        "ratio_to_bare_grpc": round(s["grpc"] / s["grpc_bare"], 3),
+        "ratio_to_warm_socket": round(s["grpc"] / s["socket_warm"], 3),
+        "page_faults": {k: int(statistics.median(v[1:])) for k, v in faults.items()},
         "round_encode_s": round(encode_s, 4),
         "repeats": args.repeats,
     }

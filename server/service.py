@@ -12,9 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lssfl.common.config import SecuritySection
-from lssfl.common.rpc import add_coordinator_servicer
+from lssfl.common.rpc import GRPC_OPTIONS, add_coordinator_servicer
 from lssfl.common.security import CA_CERT, SERVER_CERT, SERVER_KEY, TOKEN_HEADER, TOKENS, TokenTable
-from lssfl.common.wire import MAX_MESSAGE_BYTES
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.proto import tensor_pb2 as pb
@@ -23,10 +22,6 @@ from lssfl.server.coordinator import Coordinator, RpcError
 log = logging.getLogger("lssfl.service")
 T = TypeVar("T")
 
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class Gatekeeper:

@@ -25,11 +25,10 @@ from lssfl.common.data import Split, load_split
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
 from lssfl.common.progress import progress
-from lssfl.common.rpc import coordinator_stub
+from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER
 from lssfl.common.wire import (
     FP32,
-    MAX_MESSAGE_BYTES,
     DecodedModel,
     WireError,
     decode_model,
@@ -44,10 +43,6 @@ log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 def _with_crash_point(messages: Iterator[pb.ModelChunk], tag: str) -> Iterator[pb.ModelChunk]:

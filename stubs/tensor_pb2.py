@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lssfl/proto/tensor.proto\x12\x08lssfl.v1\"f\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x08\"G\n\tStreamEnd\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\r\"W\n\x0e\x44ownloadHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x17\n\nbase_round\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_base_round\"\xd0\x01\n\x0cUploadHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07silo_id\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x05 \x01(\x01\x12\x34\n\x07metrics\x18\x06 \x03(\x0b\x32#.lssfl.v1.UploadHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc8\x01\n\nModelChunk\x12,\n\x08\x64ownload\x18\x01 \x01(\x0b\x32\x18.lssfl.v1.DownloadHeaderH\x00\x12(\n\x06upload\x18\x02 \x01(\x0b\x32\x16.lssfl.v1.UploadHeaderH\x00\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.lssfl.v1.TensorSpecH\x00\x12\x0e\n\x04\x64\x61ta\x18\x04 \x01(\x0cH\x00\x12\"\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x13.lssfl.v1.StreamEndH\x00\x42\x06\n\x04partb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lssfl/proto/tensor.proto\x12\x08lssfl.v1\"f\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x08\"W\n\tStreamEnd\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\rJ\x04\x08\x01\x10\x02R\x06sha256\"W\n\x0e\x44ownloadHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x17\n\nbase_round\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_base_round\"\xd0\x01\n\x0cUploadHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07silo_id\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x05 \x01(\x01\x12\x34\n\x07metrics\x18\x06 \x03(\x0b\x32#.lssfl.v1.UploadHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc8\x01\n\nModelChunk\x12,\n\x08\x64ownload\x18\x01 \x01(\x0b\x32\x18.lssfl.v1.DownloadHeaderH\x00\x12(\n\x06upload\x18\x02 \x01(\x0b\x32\x16.lssfl.v1.UploadHeaderH\x00\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.lssfl.v1.TensorSpecH\x00\x12\x0e\n\x04\x64\x61ta\x18\x04 \x01(\x0cH\x00\x12\"\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x13.lssfl.v1.StreamEndH\x00\x42\x06\n\x04partb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=38
   _globals['_TENSORSPEC']._serialized_end=140
   _globals['_STREAMEND']._serialized_start=142
-  _globals['_STREAMEND']._serialized_end=213
-  _globals['_DOWNLOADHEADER']._serialized_start=215
-  _globals['_DOWNLOADHEADER']._serialized_end=302
-  _globals['_UPLOADHEADER']._serialized_start=305
-  _globals['_UPLOADHEADER']._serialized_end=513
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=467
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=513
-  _globals['_MODELCHUNK']._serialized_start=516
-  _globals['_MODELCHUNK']._serialized_end=716
+  _globals['_STREAMEND']._serialized_end=229
+  _globals['_DOWNLOADHEADER']._serialized_start=231
+  _globals['_DOWNLOADHEADER']._serialized_end=318
+  _globals['_UPLOADHEADER']._serialized_start=321
+  _globals['_UPLOADHEADER']._serialized_end=529
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=483
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=529
+  _globals['_MODELCHUNK']._serialized_start=532
+  _globals['_MODELCHUNK']._serialized_end=732
 # @@protoc_insertion_point(module_scope)

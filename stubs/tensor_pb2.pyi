@@ -23,14 +23,14 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., nbytes: _Optional[int] = ..., delta: _Optional[bool] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
-    __slots__ = ("sha256", "payload_bytes", "num_tensors")
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("checksum", "payload_bytes", "num_tensors")
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
-    sha256: bytes
+    checksum: bytes
     payload_bytes: int
     num_tensors: int
-    def __init__(self, sha256: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+    def __init__(self, checksum: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ...) -> None: ...
 
 class DownloadHeader(_message.Message):
     __slots__ = ("run_id", "round", "base_round")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lssfl.common.config import parse_config
-from lssfl.common.rpc import coordinator_stub
+from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.wire import decode_model, encode_model, parse_chunk
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.coordinator import Coordinator
-from lssfl.server.service import GRPC_OPTIONS, serve
+from lssfl.server.service import serve
 from lssfl.server.store import RoundStore
 
 
@@ -32,7 +32,7 @@ class Harness:
             cfg, RoundStore(tmp_path), state, lambda s: (0.0, 0.0), run_id="run1"
         )
         self.server, port = serve(self.coordinator, "127.0.0.1", 0)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
         self.stub = coordinator_stub(self.channel)
         self.thread = None
 

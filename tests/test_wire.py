@@ -1,8 +1,8 @@
-import hashlib
 
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from lssfl.common.wire import (
     CHUNK_BYTES,
@@ -60,7 +60,7 @@ def test_large_tensor_is_split_into_chunks_of_at_most_one_mib():
     assert all(len(to_wire(m)) < 2 * CHUNK_BYTES for m in msgs)
     end = msgs[-1].end
     assert end.payload_bytes == big.numel() * 4
-    assert end.sha256 == hashlib.sha256(big.numpy().tobytes()).digest()
+    assert end.checksum == xxhash.xxh3_128(big.numpy().tobytes()).digest()
     assert torch.equal(roundtrip({"w": big}).state["w"], big)
 
 
@@ -91,6 +91,15 @@ def test_corrupted_payload_fails_the_checksum():
     bad[0] ^= 1
     msgs[i] = pb.ModelChunk(data=bytes(bad))
     with pytest.raises(WireError, match="checksum"):
+        _decode(msgs)
+
+
+def test_swapped_chunks_of_equal_length_fail_the_checksum():
+    # Every length still adds up; only the order of the bytes is wrong.
+    msgs = list(encode_model({"a": torch.ones(4), "b": torch.zeros(4)}, HEADER))
+    i, j = (i for i, m in enumerate(msgs) if isinstance(m, bytes))
+    msgs[i], msgs[j] = msgs[j], msgs[i]
+    with pytest.raises(WireError, match="checksum mismatch"):
         _decode(msgs)
 
 
