@@ -18,10 +18,39 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 CA_CERT = "ca.pem"
 SERVER_CERT, SERVER_KEY = "coordinator.pem", "coordinator.key"
 TOKENS = "tokens.json"
 TOKEN_HEADER = "authorization"
+
+
+def read_secret(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def channel_credentials(
+    ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a client of the coordinator (None: plaintext).
+
+    ``cert`` and ``key`` together make it mutual TLS; errors name the file at fault.
+    """
+    if ca is None:
+        if cert is not None or key is not None:
+            raise ValueError("--cert/--key need --ca (the coordinator's CA certificate)")
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError("--cert and --key go together (mutual TLS)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_secret(ca, "CA certificate"),
+        private_key=read_secret(key, "client key") if key else None,
+        certificate_chain=read_secret(cert, "client certificate") if cert else None,
+    )
 
 
 def silo_files(folder: Path, silo_id: str) -> tuple[Path, Path, Path]:

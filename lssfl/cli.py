@@ -17,7 +17,12 @@ EXAMPLES = {
     ),
     "config": "example:\n  lssfl config show --config configs/demo.yaml",
     "prepare": "example:\n  lssfl prepare --config configs/demo.yaml",
-    "health": "example:\n  lssfl health localhost:50051 --ca certs/ca.pem",
+    "health": (
+        "examples:\n  lssfl health localhost:50051\n"
+        "  lssfl health localhost:50051 --ca certs/ca.pem\n"
+        "  lssfl health localhost:50051 --ca certs/ca.pem --cert certs/silo-1.pem "
+        "--key certs/silo-1.key"
+    ),
     "silo": (
         "example:\n  lssfl silo --coordinator 10.0.0.5:50051 --silo-id silo-1 --data /data/silo-1"
     ),
@@ -89,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     hc = add("health", "Ask a coordinator's gRPC health service; exit 0 when it is serving.")
     hc.add_argument("address", help="HOST:PORT")
     hc.add_argument("--ca", type=Path, help="CA certificate when the coordinator uses TLS")
+    hc.add_argument("--cert", type=Path, help="a client certificate, with mutual TLS")
+    hc.add_argument("--key", type=Path, help="its private key")
     hc.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
 
     from lssfl.partition import register as register_partition
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return report_run(args)
         if args.command == "health":
-            return _health(args.address, args.ca, args.timeout)
+            return _health(args.address, args.ca, args.cert, args.key, args.timeout)
         if args.command == "certs":
             from lssfl.common.security import make_certs
 
@@ -183,11 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _health(address: str, ca: Path | None, timeout: float) -> int:
+def _health(
+    address: str, ca: Path | None, cert: Path | None, key: Path | None, timeout: float
+) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    creds = grpc.ssl_channel_credentials(ca.read_bytes()) if ca else None
+    from lssfl.common.security import channel_credentials
+
+    creds = channel_credentials(ca, cert, key)
     channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(

@@ -26,7 +26,7 @@ from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
-from lssfl.common.security import TOKEN_HEADER
+from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
 from lssfl.common.wire import (
     FP32,
     DecodedModel,
@@ -51,13 +51,6 @@ def _with_crash_point(messages: Iterator[pb.ModelChunk], tag: str) -> Iterator[p
         if i == 3:
             crash_point(tag)
         yield msg
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 class SiloRefused(RuntimeError):
@@ -129,18 +122,8 @@ class SiloDaemon:
     ) -> SiloDaemon:
         """Build from paths, validating each; errors name the file at fault."""
         data = load_split(data_dir)
-        credentials = None
-        if ca is not None:
-            if (cert is None) != (key is None):
-                raise ValueError("--cert and --key go together (mutual TLS)")
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(ca, "CA certificate"),
-                private_key=_read(key, "client key") if key else None,
-                certificate_chain=_read(cert, "client certificate") if cert else None,
-            )
-        elif cert is not None or key is not None:
-            raise ValueError("--cert/--key need --ca (the coordinator's CA certificate)")
-        token = _read(token_file, "token file").decode().strip() if token_file else None
+        credentials = channel_credentials(ca, cert, key)
+        token = read_secret(token_file, "token file").decode().strip() if token_file else None
         return cls(
             coordinator, silo_id, data, resolve_device(device), max_wait_s, credentials, token
         )

@@ -148,3 +148,21 @@ def test_health_of_an_unreachable_coordinator_is_one_line():
     proc = run_lssfl("health", "127.0.0.1:9", "--timeout", "2")
     assert proc.returncode == 1
     assert proc.stderr.startswith("lssfl: error: 127.0.0.1:9: UNAVAILABLE")
+
+
+def test_health_check_through_mutual_tls(tmp_path, certs):
+    folder, _ = certs
+    server, port = _server(tmp_path, folder, tls=True, mutual_tls=True)
+    address, ca = f"127.0.0.1:{port}", str(folder / CA_CERT)
+    cert, key, _ = silo_files(folder, "silo-1")
+    try:
+        ok = run_lssfl("health", address, "--ca", ca, "--cert", str(cert), "--key", str(key))
+        assert ok.returncode == 0 and ok.stdout.strip() == f"{address}: SERVING", ok.stderr
+        # Without a client certificate the handshake fails, and the check says so.
+        refused = run_lssfl("health", address, "--ca", ca, "--timeout", "3")
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"lssfl: error: {address}: UNAVAILABLE")
+        half = run_lssfl("health", address, "--ca", ca, "--cert", str(cert))
+        assert half.returncode == 2 and "--cert and --key go together" in half.stderr
+    finally:
+        server.stop(0).wait()
