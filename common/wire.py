@@ -374,6 +374,9 @@ def decode_model(
             end = msg.end
             if filled != (spec.nbytes if spec else 0):
                 raise WireError(f"tensor {spec.name!r}: got {filled} of {spec.nbytes} bytes")
+            if not end.checksum:
+                # Builds before XXH3 sent a SHA-256 in field 1, which this one does not read.
+                raise WireError("stream end carries no checksum: is the peer an older build?")
             if end.checksum != digest.digest():
                 raise WireError("checksum mismatch: the payload was corrupted in transit")
             finish_tensor()

@@ -94,6 +94,13 @@ def test_corrupted_payload_fails_the_checksum():
         _decode(msgs)
 
 
+def test_a_stream_end_without_checksum_names_the_likely_cause():
+    msgs = _msgs()
+    msgs[-1].end.ClearField("checksum")
+    with pytest.raises(WireError, match="no checksum: is the peer an older build"):
+        _decode(msgs)
+
+
 def test_swapped_chunks_of_equal_length_fail_the_checksum():
     # Every length still adds up; only the order of the bytes is wrong.
     msgs = list(encode_model({"a": torch.ones(4), "b": torch.zeros(4)}, HEADER))
