@@ -1,0 +1,50 @@
+"""The benchmarks that acceptance is measured with still run, and report what they claim.
+
+Small models and few repeats: these check the JSON and the figures that do not depend on
+the machine's speed (sizes, ratios of bytes, exact round trips), never timings.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lssfl.common.models import build_model
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_bench(name: str, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), *args, "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_transport_receives_the_model_exactly_on_every_path():
+    # The bench asserts each path's tensors equal the sent ones; a wrong byte exits non-zero.
+    out = run_bench("transport.py", "--model", "cnn", "--repeats", "2")
+    state = build_model({"name": "cnn"}).state_dict()
+    assert out["mb"] == round(sum(t.numel() * t.element_size() for t in state.values()) / 1e6, 2)
+    assert set(out["page_faults"]) == {"grpc", "grpc_bare", "socket", "socket_warm"}
+    assert min(out["grpc_s"], out["socket_s"], out["grpc_bare_s"], out["socket_warm_s"]) > 0
+
+
+def test_codec_ratios_on_resnet18():
+    codecs = run_bench("codec.py", "--repeats", "1")["codecs"]
+    assert codecs["fp32"]["ratio"] == 1.0 and codecs["fp32"]["rel_error"] == 0.0
+    assert 0.25 <= codecs["int8"]["ratio"] <= 0.26
+    assert codecs["int8+zstd"]["ratio"] < codecs["int8"]["ratio"]
+    assert codecs["topk0.01+int8+zstd"]["ratio"] < 0.02
+    assert all(c["encode_MBps"] > 0 and c["decode_MBps"] > 0 for c in codecs.values())
+
+
+def test_lss_step_reports_both_trainers():
+    out = run_bench("lss_step.py", "--model", "cnn", "--repeats", "2", "--warmup", "1")
+    assert out["fedavg_step_ms"] > 0 and out["lss_step_ms"] > 0
+    assert out["ratio"] == pytest.approx(out["lss_step_ms"] / out["fedavg_step_ms"], rel=0.01)
+    assert out["lss_peak_mb"] >= out["before_setup_mb"]
