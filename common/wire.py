@@ -2,16 +2,17 @@
 
 A stream is: one header (download or upload), then per tensor a ``TensorSpec`` followed by
 data chunks of at most ``CHUNK_BYTES`` whose lengths add up to ``spec.nbytes``, then one
-``StreamEnd`` with a checksum over every data byte. Each tensor names its codec (fp32, fp16,
-int8, top-k, zstd: ``lssfl.common.codecs``) and whether it is a delta to a reference model
-the receiver holds. The decoder trusts nothing it reads: it checks every length, shape and
-dtype against limits before allocating, verifies the checksum before returning anything,
-and decodes through validating codecs. Nothing here unpickles.
+``StreamEnd`` with a checksum over every spec and data byte. Each tensor names its codec
+(fp32, fp16, int8, top-k, zstd: ``lssfl.common.codecs``) and whether it is a delta to a
+reference model the receiver holds. The decoder trusts nothing it reads: it checks every
+length, shape and dtype against limits before allocating, verifies the checksum before
+returning anything, and decodes through validating codecs. Nothing here unpickles.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ class WireError(ValueError):
 
 
 def checksum() -> xxhash.xxh3_128:
-    """The stream checksum: XXH3-128 over every data byte, in stream order.
+    """The stream checksum: XXH3-128 over every tensor's spec and data bytes, in stream order.
 
     It catches truncation, reordering and corruption, which is all a checksum inside an
     authenticated channel can do (whoever could alter the bytes could alter the digest too;
@@ -70,6 +71,12 @@ def checksum() -> xxhash.xxh3_128:
     long as the transfer itself.
     """
     return xxhash.xxh3_128()
+
+
+def _spec_key(spec: pb.TensorSpec) -> bytes:
+    """What the checksum covers of a spec: its fields, spelled the same by every build."""
+    fields = (spec.name, spec.dtype, list(spec.shape), spec.codec, spec.nbytes, spec.delta)
+    return json.dumps(fields).encode()
 
 
 def raw_fp32_bytes(spec: pb.TensorSpec) -> int:
@@ -219,16 +226,16 @@ def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator
     payload = 0
     for t in tensors:
         buf = memoryview(t.data)
-        yield pb.ModelChunk(
-            tensor=pb.TensorSpec(
-                name=t.name,
-                dtype=DTYPE_NAMES[t.dtype],
-                shape=list(t.shape),
-                codec=t.codec,
-                nbytes=len(buf),
-                delta=t.delta,
-            )
+        spec = pb.TensorSpec(
+            name=t.name,
+            dtype=DTYPE_NAMES[t.dtype],
+            shape=list(t.shape),
+            codec=t.codec,
+            nbytes=len(buf),
+            delta=t.delta,
         )
+        digest.update(_spec_key(spec))
+        yield pb.ModelChunk(tensor=spec)
         for start in range(0, len(buf), CHUNK_BYTES):
             piece = buf[start : start + CHUNK_BYTES]
             digest.update(piece)
@@ -357,6 +364,7 @@ def decode_model(
             finish_tensor()
             spec = msg.tensor
             codec = _check_spec(spec, state, max_payload_bytes - payload)
+            digest.update(_spec_key(spec))
             # Uninitialised: every byte is written below before anything reads it.
             buf, filled = torch.empty(spec.nbytes, dtype=torch.uint8), 0
             dest = buf.numpy()

@@ -1,8 +1,12 @@
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lssfl.common.wire import (
     CHUNK_BYTES,
@@ -12,8 +16,10 @@ from lssfl.common.wire import (
     data_message,
     decode_model,
     encode_model,
+    pack_state,
     parse_chunk,
     raw_fp32_bytes,
+    stream_tensors,
     to_wire,
 )
 from lssfl.proto import tensor_pb2 as pb
@@ -60,7 +66,8 @@ def test_large_tensor_is_split_into_chunks_of_at_most_one_mib():
     assert all(len(to_wire(m)) < 2 * CHUNK_BYTES for m in msgs)
     end = msgs[-1].end
     assert end.payload_bytes == big.numel() * 4
-    assert end.checksum == xxhash.xxh3_128(big.numpy().tobytes()).digest()
+    spec = json.dumps(["w", "float32", [700_000], "raw", big.numel() * 4, False]).encode()
+    assert end.checksum == xxhash.xxh3_128(spec + big.numpy().tobytes()).digest()
     assert torch.equal(roundtrip({"w": big}).state["w"], big)
 
 
@@ -185,9 +192,55 @@ def test_fast_data_messages_are_exactly_what_protobuf_writes():
 
 def test_delta_tensors_add_to_the_reference_and_need_one():
     ref = {"w": torch.arange(300_000, dtype=torch.float32)}  # > 1 chunk: copied in pieces
-    msgs = list(encode_model({"w": torch.ones(300_000)}, HEADER))
-    msgs[1].tensor.delta = True
+    msgs = list(stream_tensors(pack_state({"w": ref["w"] + 1}, reference=ref), HEADER))
+    assert msgs[1].tensor.delta
     out = decode_model(msgs, header_kind="download", max_payload_bytes=1 << 30, reference=ref)
     assert torch.equal(out.state["w"], ref["w"] + 1)
     with pytest.raises(WireError, match="without a matching reference"):
         _decode(msgs)
+
+
+def _stream_bytes(spec: str = "fp32") -> list[bytes]:
+    from lssfl.common.codecs import parse_codec
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
+    state = {"w": w, "b": b, "n": torch.tensor(7)}
+    return [to_wire(m) for m in encode_model(state, HEADER, parse_codec(spec))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["fp32", "int8", "topk0.5+int8+zstd"]), st.data())
+def test_damaged_streams_decode_or_refuse(spec, data):
+    # Any byte of any message flipped, cut short, dropped or repeated: the decoder either
+    # returns a model or raises WireError, never anything else.
+    msgs = _stream_bytes(spec)
+    i = data.draw(st.integers(0, len(msgs) - 1))
+    damage = data.draw(st.sampled_from(["flip", "cut", "drop", "repeat"]))
+    if damage == "flip" and msgs[i]:
+        at = data.draw(st.integers(0, len(msgs[i]) - 1))
+        bad = bytearray(msgs[i])
+        bad[at] ^= data.draw(st.integers(1, 255))
+        msgs[i] = bytes(bad)
+    elif damage == "cut":
+        msgs[i] = msgs[i][: data.draw(st.integers(0, max(len(msgs[i]) - 1, 0)))]
+    elif damage == "drop":
+        del msgs[i]
+    else:
+        msgs.insert(i, msgs[i])
+    try:
+        out = _decode(msgs)
+    except WireError:
+        return
+    # Accepted only if nothing the checksum covers changed (a header field may have).
+    clean = _decode(_stream_bytes(spec)).state
+    assert out.state.keys() == clean.keys()
+    for name, t in clean.items():
+        assert out.state[name].dtype == t.dtype and torch.equal(out.state[name], t)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=48), max_size=6))
+def test_random_messages_after_a_header_are_refused(raw):
+    with pytest.raises(WireError):
+        _decode([to_wire(HEADER), *raw])
