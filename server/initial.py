@@ -22,8 +22,6 @@ log = logging.getLogger("lssfl.coordinator")
 
 
 def initial_state(cfg: RunConfig, pretrain_dir: Path | None) -> dict[str, torch.Tensor]:
-    torch.manual_seed(derive_seed(cfg.run.seed, 0, "init"))
-    model = build_model(cfg.model_spec)
     if cfg.model.init == "pretrained":
         from lssfl.common.pretrained import pretrained_model
 
@@ -32,6 +30,8 @@ def initial_state(cfg: RunConfig, pretrain_dir: Path | None) -> dict[str, torch.
         net = pretrained_model(cfg.model.name, num_classes, cfg.model.weights)
         log.info("initial model: %s weights from %s", cfg.model.name, cfg.model.weights)
         return net.state_dict()
+    torch.manual_seed(derive_seed(cfg.run.seed, 0, "init"))
+    model = build_model(cfg.model_spec)
     if cfg.model.init == "random" or pretrain_dir is None:
         return model.state_dict()
     key = json.dumps(

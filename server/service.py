@@ -23,7 +23,6 @@ log = logging.getLogger("lssfl.service")
 T = TypeVar("T")
 
 
-
 class Gatekeeper:
     """Checks on every RPC that the caller is the silo it claims to be and not revoked."""
 

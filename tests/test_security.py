@@ -6,7 +6,7 @@ import torch
 
 from lssfl.common.config import parse_config
 from lssfl.common.data import save_split
-from lssfl.common.security import CA_CERT, make_certs, silo_files
+from lssfl.common.security import CA_CERT, channel_credentials, make_certs, silo_files
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.server.coordinator import Coordinator
@@ -43,11 +43,7 @@ def _join(port, silo, *, folder=None, mtls_silo=None, token_silo=None, token=Non
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     else:
         cert, key, _ = silo_files(folder, mtls_silo) if mtls_silo else (None, None, None)
-        creds = grpc.ssl_channel_credentials(
-            (folder / CA_CERT).read_bytes(),
-            key.read_bytes() if key else None,
-            cert.read_bytes() if cert else None,
-        )
+        creds = channel_credentials(folder / CA_CERT, cert, key)
         channel = grpc.secure_channel(f"127.0.0.1:{port}", creds)
     if token_silo:
         token = silo_files(folder, token_silo)[2].read_text().strip()

@@ -8,6 +8,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lssfl.common.codecs import parse_codec
 from lssfl.common.wire import (
     CHUNK_BYTES,
     DTYPES,
@@ -201,8 +202,6 @@ def test_delta_tensors_add_to_the_reference_and_need_one():
 
 
 def _stream_bytes(spec: str = "fp32") -> list[bytes]:
-    from lssfl.common.codecs import parse_codec
-
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
     state = {"w": w, "b": b, "n": torch.tensor(7)}
