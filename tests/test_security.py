@@ -160,5 +160,11 @@ def test_health_check_through_mutual_tls(tmp_path, certs):
         assert refused.stderr.startswith(f"lssfl: error: {address}: UNAVAILABLE")
         half = run_lssfl("health", address, "--ca", ca, "--cert", str(cert))
         assert half.returncode == 2 and "--cert and --key go together" in half.stderr
+        nope = tmp_path / "nope.pem"
+        missing = run_lssfl("health", address, "--ca", str(nope))
+        assert missing.returncode == 2
+        assert missing.stderr == (
+            f"lssfl: error: cannot read CA certificate {nope}: No such file or directory\n"
+        )
     finally:
         server.stop(0).wait()
