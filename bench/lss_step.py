@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 
 from lssfl.common.models import build_model
-from lssfl.silo.lss import LSSTrainer, sample_alphas
-from lssfl.silo.trainers import local_step, make_optimizer
+from lssfl.training.lss import LSSTrainer, sample_alphas
+from lssfl.training.trainers import local_step, make_optimizer
 
 POOL_SIZE = 4
 

@@ -24,7 +24,7 @@ from lssfl.common.data import load_split, materialize_embedded
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.seeding import derive_seed
 from lssfl.server.aggregate import weighted_average
-from lssfl.silo.trainers import FedAvgTrainer, make_trainer
+from lssfl.training.trainers import FedAvgTrainer, make_trainer
 
 
 def run(spec: dict, seed: int, rounds: int, root: Path) -> list[float]:

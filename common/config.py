@@ -148,7 +148,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _check(cfg: RunConfig) -> None:
     from lssfl.common.models import build_model
-    from lssfl.silo.trainers import make_trainer
+    from lssfl.training.trainers import make_trainer
 
     if cfg.run.rounds < 1:
         raise ConfigError("run.rounds must be at least 1")
@@ -230,7 +230,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The effective config: every default filled in, the trainer's included."""
-    from lssfl.silo.trainers import make_trainer
+    from lssfl.training.trainers import make_trainer
 
     d = dataclasses.asdict(cfg)
     d.pop("source")

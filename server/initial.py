@@ -16,7 +16,7 @@ from lssfl.common.data import load_split
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.seeding import derive_seed
 from lssfl.server.store import save_state
-from lssfl.silo.trainers import FedAvgTrainer
+from lssfl.training.trainers import FedAvgTrainer
 
 log = logging.getLogger("lssfl.coordinator")
 

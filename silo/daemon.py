@@ -37,7 +37,7 @@ from lssfl.common.wire import (
 )
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
-from lssfl.silo.trainers import make_trainer
+from lssfl.training.trainers import make_trainer
 
 log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""Tests for Local Superior Soups (lssfl.silo.lss): each invariant of the spec, on tiny models."""
+"""Tests for Local Superior Soups (lssfl.training.lss): each invariant of the spec."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lssfl.common.models import MLP, SmallCNN
-from lssfl.silo.lss import (
+from lssfl.training.lss import (
     FlatLayout,
     LSSTrainer,
     Pool,
@@ -27,7 +27,7 @@ from lssfl.silo.lss import (
     simplex_sq_volume,
     sq_distances,
 )
-from lssfl.silo.trainers import FedAvgTrainer
+from lssfl.training.trainers import FedAvgTrainer
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Tests for the local trainers (lssfl.silo.trainers): FedAvg, FedProx, SWA and make_trainer."""
+"""Tests for the local trainers (lssfl.training.trainers): FedAvg, FedProx, SWA and make_trainer."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lssfl.common.models import MLP, SmallCNN
-from lssfl.silo.lss import LSSTrainer
-from lssfl.silo.trainers import (
+from lssfl.training.lss import LSSTrainer
+from lssfl.training.trainers import (
     TRAINERS,
     FedAvgTrainer,
     FedProxTrainer,

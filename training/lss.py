@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lssfl.training.loop import batches, make_optimizer
+
 AFFINITIES = ("l2", "sq_l2")
 DIVERSITIES = ("l2", "volume")
 
@@ -405,8 +407,6 @@ class LSSTrainer:
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
     ) -> dict[str, float]:
-        from lssfl.silo.trainers import batches  # trainers.py imports this module
-
         batch_generator = torch.Generator().manual_seed(seed)  # the same draws as FedAvg
         alpha_generator = torch.Generator().manual_seed(_alpha_seed(seed))
         model.train()
@@ -458,8 +458,6 @@ class LSSTrainer:
 
     def start_member(self, state: RoundState) -> torch.optim.Optimizer:
         """Start the next member; each member gets a fresh optimizer (so does the shared head)."""
-        from lssfl.silo.trainers import make_optimizer  # trainers.py imports this module
-
         pool = state.pool
         if self.diversity == "volume":  # fixed while this member trains
             state.frozen_sq = pairwise_sq_distances(pool.frozen, state.weight, state.soup)
