@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     hc.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
 
     from lssfl.partition import register as register_partition
-    from lssfl.report import register as register_report
+    from lssfl.report.command import register as register_report
 
     register_partition(sub)
     register_report(sub)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging("partition", args.verbose)
             return run(args)
         if args.command == "report":
-            from lssfl.report import run as report_run
+            from lssfl.report.command import run as report_run
 
             return report_run(args)
         if args.command == "health":

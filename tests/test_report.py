@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 
 from lssfl import report
-from lssfl.report import (
-    PLOTS,
-    default_out_dir,
-    load_run,
-    read_metrics,
-    register,
-    summarize,
-    write_report,
-)
+from lssfl.report import load_run, read_metrics, summarize, write_comparison, write_report
+from lssfl.report.command import default_out_dir, register
+from lssfl.report.command import run as report_run
+from lssfl.report.plots import PLOTS
+from lssfl.report.runs import comm_seconds, default_target, train_seconds
+from lssfl.report.tables import COLUMNS
 
 SILOS = ("silo-1", "silo-2", "silo-3")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -116,14 +113,14 @@ def runs(tmp_path_factory):
 def single(runs, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single") / "fedavg-run"
     shutil.copytree(runs[0], run_dir)
-    assert report.run(_args(str(run_dir))) == 0
+    assert report_run(_args(str(run_dir))) == 0
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def comparison(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "report"
-    assert report.run(_args(*map(str, runs), "--out", str(out))) == 0
+    assert report_run(_args(*map(str, runs), "--out", str(out))) == 0
     return out
 
 
@@ -133,7 +130,7 @@ def test_single_run_report_files_and_numbers(single):
     _check_pngs(single)
     with open(single / "metrics.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == list(report.COLUMNS) and len(rows) == 5
+    assert rows[0] == list(COLUMNS) and len(rows) == 5
     assert rows[3][-1] == "silo-3"  # round 2's missing silo
     html = (single / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "<script" not in html
@@ -151,7 +148,7 @@ def test_single_run_report_files_and_numbers(single):
 
 def test_comparison_summary_picks_the_right_values(runs, comparison):
     a, b = (load_run(d) for d in runs)
-    target = report.default_target([a, b])
+    target = default_target([a, b])
     assert target == pytest.approx(0.68)  # the best accuracy the weakest run (lss) reached
     fed, lss = summarize(a, target), summarize(b, target)
     assert (fed.final_accuracy, fed.best_accuracy, fed.best_round) == (0.70, 0.70, 3)
@@ -187,7 +184,7 @@ def test_comparison_summary_picks_the_right_values(runs, comparison):
 def test_target_option_and_unreached_target(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "write_plots", lambda *a, **k: [])  # the HTML is what counts
     out = tmp_path / "cmp"
-    report.write_comparison(runs, out, target=0.69)
+    write_comparison(runs, out, target=0.69)
     html = (out / "report.html").read_text()
     assert "Target accuracy 0.6900 (set with --target)" in html
     assert "not reached" in html  # lss never reaches 0.69
@@ -195,15 +192,15 @@ def test_target_option_and_unreached_target(runs, tmp_path, monkeypatch):
 
 def test_time_split_uses_the_slowest_silo():
     rec = _record("fedavg", 1, 0.5, 1, 1, wall=2.0, train=1.5)
-    assert report._train_seconds(rec) == pytest.approx(1.7)  # silo-3: 1.5 + 0.2
-    assert report._comm_seconds(rec) == pytest.approx(0.3)
+    assert train_seconds(rec) == pytest.approx(1.7)  # silo-3: 1.5 + 0.2
+    assert comm_seconds(rec) == pytest.approx(0.3)
     rec["wall_seconds"] = 1.0  # clock noise never gives negative communication
-    assert report._comm_seconds(rec) == 0.0
+    assert comm_seconds(rec) == 0.0
 
 
 def test_malformed_and_missing_metrics_raise_one_line(tmp_path):
     with pytest.raises(ValueError, match="metrics.jsonl: no such file") as exc:
-        report.run(_args(str(tmp_path / "nowhere")))
+        report_run(_args(str(tmp_path / "nowhere")))
     assert "\n" not in str(exc.value)
 
     bad = tmp_path / "bad"
@@ -219,12 +216,12 @@ def test_malformed_and_missing_metrics_raise_one_line(tmp_path):
     for line, message in cases.items():
         (bad / "metrics.jsonl").write_text(f"{good}\n{line}\n{good}\n")
         with pytest.raises(ValueError, match=message) as exc:
-            report.run(_args(str(bad)))
+            report_run(_args(str(bad)))
         assert str(bad / "metrics.jsonl") in str(exc.value) and "\n" not in str(exc.value)
 
     (bad / "metrics.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no rounds recorded"):
-        report.write_comparison([bad], tmp_path / "out")
+        write_comparison([bad], tmp_path / "out")
 
 
 def test_launcher_reading_is_lenient(tmp_path):

@@ -1,0 +1,250 @@
+"""Run folders as data: reading and checking metrics.jsonl, per-round figures, summaries.
+
+A run is the records of one ``metrics.jsonl`` (one JSON object per round, written by the
+coordinator); everything else in the report is drawn from the figures computed here.
+
+Time per round is split as: training = the *slowest* answering silo's ``train_seconds`` (the
+round waits for it), communication + waiting = ``wall_seconds`` - training (transfers, queueing,
+aggregation and evaluation on the coordinator, and waiting for late or missing silos).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
+
+
+# ----------------------------------------------------------------- reading
+
+
+def is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_record(rec: Any) -> str | None:
+    """What is wrong with one metrics.jsonl object, or None. Unknown keys are fine."""
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+    r = rec.get("round")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        return f"'round' must be an integer >= 0, got {r!r}"
+    for key in ("global_accuracy", "global_loss", "wall_seconds", "bytes_down", "bytes_up"):
+        v = rec.get(key)
+        if v is not None and not is_num(v):
+            return f"'{key}' must be a number, got {v!r}"
+    silos = rec.get("silos", [])
+    if not isinstance(silos, list) or not all(isinstance(s, dict) for s in silos):
+        return "'silos' must be a list of objects"
+    for s in silos:
+        for key in ("bytes_down", "bytes_up", "train_seconds"):
+            v = s.get(key)
+            if v is not None and not is_num(v):
+                return f"silo {s.get('silo_id')!r}: '{key}' must be a number, got {v!r}"
+    missing = rec.get("missing", [])
+    if not isinstance(missing, list):
+        return f"'missing' must be a list, got {missing!r}"
+    return None
+
+
+def read_metrics(run_dir: Path, *, strict: bool = False) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` in file order.
+
+    Not strict (the launcher polls a running run): a missing file gives [] and an unfinished
+    last line (no newline yet) is skipped. Strict: both raise ValueError. A malformed complete
+    line always raises ValueError naming the file and line.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        if strict:
+            raise ValueError(f"{path}: no such file (is {run_dir} a run folder?)")
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines) and not strict:  # the last line, still being written
+                break
+            raise ValueError(
+                f"{path}:{i}: not valid JSON ({exc.msg}, column {exc.colno})"
+            ) from None
+        problem = _check_record(rec)
+        if problem:
+            raise ValueError(f"{path}:{i}: {problem}")
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------- per-round values
+
+
+def num(d: dict[str, Any], key: str) -> float:
+    v = d.get(key)
+    return float(v) if is_num(v) else 0.0
+
+
+def _accuracy(rec: dict[str, Any]) -> float:
+    v = rec.get("global_accuracy")
+    return float(v) if is_num(v) else math.nan
+
+
+def _mb(rec: dict[str, Any]) -> float:
+    """MB down + up of a round (serialized messages, all silos)."""
+    return (num(rec, "bytes_down") + num(rec, "bytes_up")) / 1e6
+
+
+def train_seconds(rec: dict[str, Any]) -> float | None:
+    """The slowest answering silo's training time in this round (None: nobody trained)."""
+    times = [float(s["train_seconds"]) for s in rec.get("silos", [])
+             if is_num(s.get("train_seconds"))]  # fmt: skip
+    return max(times) if times else None
+
+
+def comm_seconds(rec: dict[str, Any]) -> float:
+    return max(0.0, num(rec, "wall_seconds") - (train_seconds(rec) or 0.0))
+
+
+# ----------------------------------------------------------------- runs and summaries
+
+
+@dataclass
+class Run:
+    path: Path
+    records: list[dict[str, Any]]  # one per round, sorted, unique
+    label: str = ""
+    color: str = RUN_COLORS[0]
+
+    @property
+    def name(self) -> str:
+        return self.path.name or self.path.resolve().name
+
+    @property
+    def algorithm(self) -> str:
+        algos = [r["algorithm"] for r in self.records if r.get("algorithm")]
+        return str(algos[-1]) if algos else "?"
+
+    @property
+    def rounds(self) -> list[int]:
+        return [r["round"] for r in self.records]
+
+    @property
+    def accuracy(self) -> list[float]:
+        return [_accuracy(r) for r in self.records]
+
+    @property
+    def cumulative_mb(self) -> list[float]:
+        out, total = [], 0.0
+        for r in self.records:
+            total += _mb(r)
+            out.append(total)
+        return out
+
+    @property
+    def trained(self) -> list[dict[str, Any]]:
+        """Federated rounds (round 0, the initial model, left out)."""
+        return [r for r in self.records if r["round"] > 0]
+
+    def silo_ids(self) -> list[str]:
+        ids: set[str] = set()
+        for r in self.records:
+            ids.update(str(s.get("silo_id")) for s in r.get("silos", []))
+        return sorted(ids, key=natural_key)
+
+
+def unique_sorted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_round = {r["round"]: r for r in records}  # a repeated round: the later line wins
+    return [by_round[k] for k in sorted(by_round)]
+
+
+def load_run(run_dir: Path) -> Run:
+    """A run folder's metrics, strictly: ValueError when missing, malformed or empty."""
+    run_dir = Path(run_dir)
+    if run_dir.name == "metrics.jsonl" and run_dir.is_file():
+        run_dir = run_dir.parent
+    records = read_metrics(run_dir, strict=True)
+    if not records:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no rounds recorded")
+    return Run(run_dir, unique_sorted(records))
+
+
+def label_runs(runs: list[Run]) -> None:
+    seen: dict[str, int] = {}
+    for i, run in enumerate(runs):
+        label = f"{run.algorithm} ({run.name})"
+        seen[label] = seen.get(label, 0) + 1
+        run.label = label if seen[label] == 1 else f"{label} #{seen[label]}"
+        run.color = RUN_COLORS[i % len(RUN_COLORS)]
+
+
+@dataclass
+class Summary:
+    label: str
+    algorithm: str
+    run: str
+    rounds: int
+    initial_accuracy: float
+    final_accuracy: float
+    best_accuracy: float
+    best_round: int
+    mb_down: float
+    mb_up: float
+    mb_total: float
+    mb_fp32: float  # what the tensors would weigh as uncompressed fp32, down + up
+    seconds: float  # wall time of the federated rounds (round 0 left out)
+    missing_answers: int  # (round, silo) pairs selected but not answered
+    target: float = math.nan
+    mb_to_target: float | None = None
+    rounds_to_target: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def summarize(run: Run, target: float | None = None) -> Summary:
+    acc = run.accuracy
+    valid = [(a, r) for a, r in zip(acc, run.rounds, strict=True) if not math.isnan(a)]
+    best, best_round = max(valid, key=lambda t: (t[0], -t[1])) if valid else (math.nan, 0)
+    first = run.records[0]
+    s = Summary(
+        label=run.label or run.name,
+        algorithm=run.algorithm,
+        run=run.name,
+        rounds=run.rounds[-1],
+        initial_accuracy=_accuracy(first) if first["round"] == 0 else math.nan,
+        final_accuracy=acc[-1],
+        best_accuracy=best,
+        best_round=best_round,
+        mb_down=sum(num(r, "bytes_down") for r in run.records) / 1e6,
+        mb_up=sum(num(r, "bytes_up") for r in run.records) / 1e6,
+        mb_total=run.cumulative_mb[-1],
+        mb_fp32=sum(num(r, "bytes_down_raw") + num(r, "bytes_up_raw") for r in run.records) / 1e6,
+        seconds=sum(num(r, "wall_seconds") for r in run.trained),
+        missing_answers=sum(len(r.get("missing") or []) for r in run.records),
+    )
+    if target is not None and not math.isnan(target):
+        s.target = target
+        for r, a, mb in zip(run.rounds, acc, run.cumulative_mb, strict=True):
+            if a >= target - 1e-12:
+                s.mb_to_target, s.rounds_to_target = mb, r
+                break
+    return s
+
+
+def default_target(runs: Sequence[Run]) -> float:
+    """The best accuracy the weakest run reached: every run reaches it at some round."""
+    bests = [summarize(r).best_accuracy for r in runs]
+    bests = [b for b in bests if not math.isnan(b)]
+    return min(bests) if bests else math.nan
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key: silo-2 before silo-10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]

@@ -1,0 +1,90 @@
+"""The per-round table as text: console lines (the launcher), metrics.csv, report.md and
+the comparison's summary.csv."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lssfl.report.runs import Run, is_num, num, summarize
+
+COLUMNS = ("round", "accuracy", "loss", "MB down", "MB up", "seconds", "silos", "missing")
+
+
+def fmt(v: Any, spec: str) -> str:
+    return format(v, spec) if is_num(v) and not math.isnan(v) else "-"
+
+
+def row(rec: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        str(rec["round"]),
+        fmt(rec.get("global_accuracy"), ".4f"),
+        fmt(rec.get("global_loss"), ".4f"),
+        f"{num(rec, 'bytes_down') / 1e6:.3f}",
+        f"{num(rec, 'bytes_up') / 1e6:.3f}",
+        f"{num(rec, 'wall_seconds'):.1f}",
+        str(rec.get("num_results", 0)),
+        ",".join(map(str, rec.get("missing") or [])) or "-",
+    )
+
+
+def format_line(cells: tuple[str, ...]) -> str:
+    widths = (5, 8, 8, 9, 9, 8, 5, 0)
+    return "  ".join(c.rjust(w) if w else c for c, w in zip(cells, widths, strict=True))
+
+
+def write_run_tables(run_dir: Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Write metrics.csv and report.md for one run into run_dir; return report.md's path."""
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(row(r) for r in records)
+    lines = [f"# Run {run_dir.name}", ""]
+    if records:
+        first, last = records[0], records[-1]
+        total_down = sum(num(r, "bytes_down") for r in records)
+        total_up = sum(num(r, "bytes_up") for r in records)
+        lines += [
+            f"- algorithm: {last.get('algorithm', '?')}",
+            f"- rounds: {last['round']}",
+            f"- global accuracy: {fmt(first.get('global_accuracy'), '.4f')} "
+            f"(round {first['round']}{', initial model' if first['round'] == 0 else ''}) -> "
+            f"{fmt(last.get('global_accuracy'), '.4f')} (round {last['round']})",
+            f"- bytes: {total_down / 1e6:.3f} MB down, {total_up / 1e6:.3f} MB up in total",
+            "",
+            "| " + " | ".join(COLUMNS) + " |",
+            "|" + "---|" * len(COLUMNS),
+            *("| " + " | ".join(row(r)) + " |" for r in records),
+            "",
+            "Plots and per-silo bytes in report.html; per silo details in metrics.jsonl; "
+            "models in checkpoints/ and final_model.safetensors.",
+        ]
+    else:
+        lines.append("No rounds recorded (metrics.jsonl is missing or empty).")
+    md = run_dir / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def write_summary_csv(runs: Sequence[Run], path: Path, target: float | None) -> Path:
+    """One row per run: final and best accuracy, MB, and the MB and round to reach target."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([
+            "run", "algorithm", "rounds", "final_accuracy", "best_accuracy", "best_round",
+            "mb_total", "mb_down", "mb_up", "target", "mb_to_target", "rounds_to_target",
+        ])  # fmt: skip
+        for run in runs:
+            s = summarize(run, target)
+            reached = math.isnan(s.target) or s.mb_to_target is not None
+            writer.writerow([
+                str(run.path), s.algorithm, s.rounds, fmt(s.final_accuracy, ".4f"),
+                fmt(s.best_accuracy, ".4f"), s.best_round, f"{s.mb_total:.3f}",
+                f"{s.mb_down:.3f}", f"{s.mb_up:.3f}", fmt(s.target, ".4f"),
+                fmt(s.mb_to_target, ".3f") if reached else "not reached",
+                fmt(s.rounds_to_target, "d") if reached else "not reached",
+            ])  # fmt: skip
+    return path
