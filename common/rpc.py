@@ -18,6 +18,9 @@ from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 
 SERVICE = "lssfl.v1.Coordinator"
+# In the run folder: the coordinator writes "host:port" there once it serves, so that the
+# launcher learns the port the OS picked.
+ADDRESS_FILE = "coordinator.addr"
 
 # For the coordinator's server and the silos' channels alike.
 GRPC_OPTIONS: list[tuple[str, int]] = [

@@ -157,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote CA, coordinator and {len(silos)} silo certificates and tokens to {args.out}"
             )
             return 0
+        from lssfl.training.spec import effective_config, trainer_spec
+
         cfg = load_config(args.config)
+        trainer_spec(cfg.trainer, cfg.source)  # common does not know the trainers' parameters
         if args.command == "config":
             import yaml
 
-            from lssfl.common.config import config_to_dict
-
-            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            print(yaml.safe_dump(effective_config(cfg), sort_keys=False), end="")
             return 0
         if args.command == "prepare":
             from lssfl.common.data import describe

@@ -13,11 +13,11 @@ from typing import IO
 
 from lssfl.common.config import RunConfig
 from lssfl.common.dataroot import prepare_data_root
+from lssfl.common.rpc import ADDRESS_FILE
 from lssfl.common.security import CA_CERT, make_certs, silo_files
 from lssfl.report import write_report
 from lssfl.report.runs import read_metrics
 from lssfl.report.tables import COLUMNS, format_line, row
-from lssfl.server.app import ADDRESS_FILE
 
 
 class _Proc:

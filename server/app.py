@@ -11,17 +11,18 @@ from typing import Any
 import torch
 import yaml
 
-from lssfl.common.config import RunConfig, config_to_dict
+from lssfl.common.config import RunConfig
 from lssfl.common.data import load_split
 from lssfl.common.dataroot import prepare_data_root
 from lssfl.common.models import build_model, evaluate
+from lssfl.common.rpc import ADDRESS_FILE
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.initial import initial_state
 from lssfl.server.service import serve
 from lssfl.server.store import RoundStore, atomic_write
+from lssfl.training.spec import effective_config
 
 log = logging.getLogger("lssfl.coordinator")
-ADDRESS_FILE = "coordinator.addr"
 
 
 def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> int:
@@ -40,7 +41,7 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
             "; ".join(changes[:5]),
         )
         return 2
-    store.save_config(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    store.save_config(yaml.safe_dump(effective_config(cfg), sort_keys=False))
     data = prepare_data_root(cfg)
     test = load_split(data.test_dir)
     model = build_model(cfg.model_spec)
@@ -60,7 +61,6 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
         coordinator, cfg.coordinator.host, cfg.coordinator.port if port is None else port
     )
     address = f"{cfg.coordinator.host}:{bound}"
-    # The launcher waits for this file to learn the port the OS picked.
     atomic_write(run_dir / ADDRESS_FILE, address.encode())
     log.info("serving run %s on %s for silos %s", coordinator.run_id, address, ", ".join(cfg.silos))
     signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
@@ -81,7 +81,7 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
 
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """What a run's results depend on. Rounds, deadlines, ports and such may change on resume."""
-    d = config_to_dict(cfg)
+    d = effective_config(cfg)
     return {k: d[k] for k in ("silos", "data", "model", "trainer")} | {"seed": cfg.run.seed}
 
 

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from lssfl.common.config import ConfigError, load_config, parse_config
+from lssfl.training.spec import trainer_spec
 
 BASE = {"silos": ["a", "b"], "trainer": {"name": "fedavg", "epochs": 1}}
 
@@ -22,9 +23,7 @@ def test_defaults_and_int_to_float():
         ({"coordinator": {"min_silos": 5}}, "coordinator.min_silos must be between 1 and 2"),
         ({"silos": "a"}, "silos must be a list"),
         ({"silos": []}, "silos must list"),
-        ({"trainer": {"name": "fedavgg"}}, "unknown trainer 'fedavgg'"),
-        ({"trainer": {"name": "fedavg", "lrr": 1}}, "no parameter 'lrr'"),
-        ({"trainer": {"name": "fedavg", "epochs": "2"}}, "trainer.epochs must be an integer"),
+        ({"trainer": {"epochs": 2}}, "trainer.name must be a string, got None"),
         ({"model": {"name": "vgg"}}, "unknown model 'vgg'"),
         ({"data": {"kind": "s3"}}, "data.kind must be"),
         ({"coordinator": {"save_uploads": 1}}, "save_uploads must be true/false"),
@@ -35,6 +34,41 @@ def test_errors_name_the_key(patch, message):
         parse_config({**BASE, **patch}, "x.yaml")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "trainer, message",
+    [
+        ({"name": "fedavgg"}, "trainer: unknown trainer 'fedavgg'"),
+        ({"name": "fedavg", "lrr": 1}, "no parameter 'lrr'"),
+        ({"name": "fedavg", "epochs": "2"}, "trainer.epochs must be an integer"),
+    ],
+)
+def test_trainer_errors_name_the_key(trainer, message):
+    cfg = parse_config({**BASE, "trainer": trainer}, "x.yaml")  # common knows no trainer
+    with pytest.raises(ConfigError, match="^x.yaml: ") as info:
+        trainer_spec(cfg.trainer, cfg.source)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_trainer_spec_fills_the_defaults():
+    spec = trainer_spec({"name": "fedprox", "mu": 0.1})
+    assert spec["name"] == "fedprox" and spec["mu"] == 0.1 and spec["epochs"] == 2
+
+
+def test_a_bad_trainer_parameter_stops_lssfl_run_before_anything_starts(tmp_path):
+    from tests.conftest import run_lssfl
+
+    path = tmp_path / "c.yaml"
+    path.write_text("silos: [a]\ntrainer: {name: fedavg, lrr: 1}\n")
+    proc = run_lssfl("run", "--config", str(path), "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(
+        f"lssfl: error: {path}: trainer: trainer 'fedavg' has no parameter 'lrr'"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_file_errors(tmp_path):

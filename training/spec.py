@@ -1,0 +1,41 @@
+"""The run config's trainer section, checked against the trainer it names.
+
+``lssfl.common.config`` reads the run config without knowing any trainer (common imports no
+role and no training code) and checks only ``trainer.name``; what each trainer accepts is
+known here. Whoever takes a config from a user (the ``lssfl`` commands, the coordinator) checks
+the section with ``trainer_spec`` before using it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from lssfl.common.config import ConfigError, RunConfig, build_section, config_to_dict
+from lssfl.training.trainers import make_trainer
+
+
+def trainer_spec(section: Mapping[str, Any], source: str = "") -> dict[str, Any]:
+    """``{"name": ..., **every hyper-parameter}``, defaults filled in.
+
+    ConfigError, one line naming the key (prefixed with ``source`` when given), for an unknown
+    trainer or parameter or a value of the wrong type.
+    """
+    prefix = f"{source}: " if source else ""
+    try:
+        trainer = make_trainer(dict(section))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{prefix}trainer: {exc}") from None
+    # Trainers are dataclasses: check the hyper-parameters' types like any other key.
+    params = {k: v for k, v in section.items() if k != "name"}
+    try:
+        build_section(type(trainer), params, "trainer.")
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
+    return {"name": section["name"], **dataclasses.asdict(trainer)}
+
+
+def effective_config(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain data with every default filled in, the trainer's included."""
+    return config_to_dict(cfg) | {"trainer": trainer_spec(cfg.trainer, cfg.source)}
