@@ -20,13 +20,11 @@ a pool dealt out to the silos, silo ``k`` (0-based) getting domain ``DOMAINS[k %
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from lssfl.common.files import atomic_save_tensors, atomic_write
+
+# The generator's name for the project's one seed derivation.
+from lssfl.common.seeding import seed_of as _derive_seed
 
 DATA_FILE = "data.safetensors"
 META_FILE = "meta.json"
@@ -96,59 +99,8 @@ class EmbeddedLayout:
     pretrain_dir: Path
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename; some filesystems cannot open directories, which is then harmless."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    # Same folder so os.replace stays a rename on one filesystem; unique so concurrent
-    # writers (several silos materializing one root) never clobber each other's temp file.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = _tmp_name(path)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- validation
@@ -226,7 +178,7 @@ def save_split(
     tensors = {"x": x, "y": y}
     if domain is not None:
         tensors["domain"] = domain
-    _atomic_save_tensors(path / DATA_FILE, tensors)
+    atomic_save_tensors(path / DATA_FILE, tensors)
     _write_json(path / META_FILE, meta)
     return path
 
@@ -292,12 +244,6 @@ def base_images(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
     x = x.clamp(0.0, 1.0).expand(-1, CHANNELS, -1, -1).contiguous()
     return x, torch.from_numpy(labels[indices].copy())
-
-
-def _derive_seed(*parts: object) -> int:
-    # Stable across processes and Python versions, unlike hash().
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def apply_domain(x: torch.Tensor, domain: str, seed: int = 0) -> torch.Tensor:

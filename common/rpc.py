@@ -17,7 +17,8 @@ from lssfl.common.wire import MAX_MESSAGE_BYTES, parse_chunk, to_wire
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 
-SERVICE = "lssfl.v1.Coordinator"
+# The service's full name ("lssfl.v1.Coordinator"), as the .proto file declares it.
+SERVICE = cpb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 # In the run folder: the coordinator writes "host:port" there once it serves, so that the
 # launcher learns the port the OS picked.
 ADDRESS_FILE = "coordinator.addr"

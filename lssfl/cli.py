@@ -197,13 +197,14 @@ def _health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from lssfl.common.rpc import SERVICE
     from lssfl.common.security import channel_credentials
 
     creds = channel_credentials(ca, cert, key)
     channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="lssfl.v1.Coordinator"), timeout=timeout
+            health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout
         )
     except grpc.RpcError as exc:
         return _fail(f"{address}: {exc.code().name}: {exc.details()}", code=1)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from lssfl.common.files import atomic_write_text
 
 if TYPE_CHECKING:
     from lssfl.common.datasets import LabelledData
@@ -146,15 +146,6 @@ def check_test_fraction(fraction: float) -> None:
 
 
 # --------------------------------------------------------------------------- output
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _prepare_out(out: Path, root: Path, num_silos: int, folder_dataset: bool) -> None:
@@ -335,7 +326,7 @@ def partition_dataset(
         "domains": list(data.domain_names),
         "splits": records,
     }
-    _atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     return summary
 
 

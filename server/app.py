@@ -14,12 +14,13 @@ import yaml
 from lssfl.common.config import RunConfig
 from lssfl.common.data import load_split
 from lssfl.common.dataroot import prepare_data_root
+from lssfl.common.files import atomic_write
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.rpc import ADDRESS_FILE
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.initial import initial_state
 from lssfl.server.service import serve
-from lssfl.server.store import RoundStore, atomic_write
+from lssfl.server.store import RoundStore
 from lssfl.training.spec import effective_config
 
 log = logging.getLogger("lssfl.coordinator")

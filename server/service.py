@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lssfl.common.config import SecuritySection
-from lssfl.common.rpc import GRPC_OPTIONS, add_coordinator_servicer
+from lssfl.common.rpc import GRPC_OPTIONS, SERVICE, add_coordinator_servicer
 from lssfl.common.security import CA_CERT, SERVER_CERT, SERVER_KEY, TOKEN_HEADER, TOKENS, TokenTable
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
@@ -137,7 +137,7 @@ def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, 
     # The standard gRPC health service, for load balancers and container health checks.
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("lssfl.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = (
         server.add_secure_port(f"{host}:{port}", creds)

@@ -33,6 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lssfl.common.faults import crash_point
+from lssfl.common.files import atomic_write
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,27 +68,6 @@ CREATE TABLE IF NOT EXISTS silos (
 
 class StoreError(RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, crash_tag: str = "") -> None:
-    """Write to a temporary name, fsync, rename, fsync the folder: a crash leaves old or new."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if crash_tag:
-        crash_point(crash_tag)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def state_bytes(state: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
