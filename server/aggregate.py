@@ -1,4 +1,5 @@
-"""Sample-count weighted averaging of state dicts (FedAvg aggregation)."""
+"""Sample-count weighted averaging of state dicts (FedAvg aggregation), and what a state
+must be to enter one."""
 
 from __future__ import annotations
 
@@ -26,3 +27,22 @@ def weighted_average(
             acc.add_(state[name].to(torch.float64), alpha=w / total)
         out[name] = acc.to(ref.dtype) if ref.is_floating_point() else acc.round().to(ref.dtype)
     return out
+
+
+def check_state(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` cannot enter an aggregate with ``like``, or None if it can."""
+    unknown = sorted(set(state) - set(like))
+    if unknown:
+        return f"unknown tensor {unknown[0]!r}"
+    absent = sorted(set(like) - set(state))
+    if absent:
+        return f"missing tensor {absent[0]!r}"
+    for name, ref in like.items():
+        t = state[name]
+        if t.shape != ref.shape:
+            return f"tensor {name!r} has shape {list(t.shape)}, expected {list(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return f"tensor {name!r} has dtype {t.dtype}, expected {ref.dtype}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"tensor {name!r} holds NaN or infinite values"
+    return None

@@ -23,6 +23,7 @@ import torch
 from lssfl.common.codecs import parse_codec
 from lssfl.common.config import RunConfig
 from lssfl.common.faults import crash_point
+from lssfl.common.records import RoundRecord, SiloRound
 from lssfl.common.seeding import derive_seed
 from lssfl.common.wire import (
     FP32,
@@ -36,7 +37,7 @@ from lssfl.common.wire import (
 )
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
-from lssfl.server.aggregate import weighted_average
+from lssfl.server.aggregate import check_state, weighted_average
 from lssfl.server.meter import DOWN, UP, Meter, message_sizes
 from lssfl.server.store import RoundStore
 
@@ -116,7 +117,7 @@ class Coordinator:
         # What silos hold after this round's download: equal to global_state unless a lossy
         # downlink codec is on. Uploads are decoded against it.
         self._broadcast: dict[str, torch.Tensor] | None = None
-        self._last_record: dict | None = None
+        self._last_record: RoundRecord | None = None
         self.codec_down = parse_codec(cfg.compression.downlink)
         self.codec_up = parse_codec(cfg.compression.uplink)
         self._stopping = threading.Event()
@@ -479,47 +480,54 @@ class Coordinator:
         missing: list[str],
     ) -> None:
         by_silo = {r.silo_id: r for r in results}
-        byte_keys = [f"bytes_{d}{k}" for d in (DOWN, UP) for k in ("", "_raw", "_payload")]
         silos = []
         for silo in sorted(set(self.meter.silos(round_num)) | set(missing)):
-            counts = {d: self.meter.get(round_num, silo, d) for d in (DOWN, UP)}
+            down, up = (self.meter.get(round_num, silo, d) for d in (DOWN, UP))
             r = by_silo.get(silo)
             metrics = {} if r is None else r.metrics
             silos.append(
-                {
-                    "silo_id": silo,
-                    "status": "ok" if r else ("missing" if silo in missing else "idle"),
-                    "num_samples": r.num_samples if r else self._silos[silo].num_samples,
-                    **{f"bytes_{d}": c.bytes for d, c in counts.items()},
-                    **{f"bytes_{d}_raw": c.raw for d, c in counts.items()},
-                    **{f"bytes_{d}_payload": c.payload for d, c in counts.items()},
-                    "train_seconds": round(r.train_seconds, 4) if r else None,
-                    **{
+                SiloRound(
+                    silo_id=silo,
+                    status="ok" if r else ("missing" if silo in missing else "idle"),
+                    num_samples=r.num_samples if r else self._silos[silo].num_samples,
+                    bytes_down=down.bytes,
+                    bytes_up=up.bytes,
+                    bytes_down_raw=down.raw,
+                    bytes_up_raw=up.raw,
+                    bytes_down_payload=down.payload,
+                    bytes_up_payload=up.payload,
+                    train_seconds=round(r.train_seconds, 4) if r else None,
+                    train_metrics={
                         k if k.startswith("train_") else f"train_{k}": v for k, v in metrics.items()
                     },
-                }
+                )
             )
-        totals = {k: sum(s[k] for s in silos) for k in byte_keys}
-        previous = self._last_record or {}
-        record = {
-            "round": round_num,
-            "algorithm": self.algorithm,
-            "status": status,
-            "global_accuracy": acc,
-            "global_loss": loss,
-            **totals,
-            # Running totals since round 0: what the run has cost so far.
-            "cum_bytes_down": previous.get("cum_bytes_down", 0) + totals["bytes_down"],
-            "cum_bytes_up": previous.get("cum_bytes_up", 0) + totals["bytes_up"],
-            "codec_down": self.codec_down.name,
-            "codec_up": self.codec_up.name,
-            "delta_downlink": self.cfg.compression.delta_downlink,
-            "wall_seconds": round(seconds, 4),
-            "num_results": len(results),
-            "missing": missing,
-            "late_refused": self._late.get(round_num, 0),
-            "silos": silos,
-        }
+        bytes_down = sum(s.bytes_down for s in silos)
+        bytes_up = sum(s.bytes_up for s in silos)
+        previous = self._last_record
+        record = RoundRecord(
+            round=round_num,
+            algorithm=self.algorithm,
+            status=status,
+            global_accuracy=acc,
+            global_loss=loss,
+            bytes_down=bytes_down,
+            bytes_down_raw=sum(s.bytes_down_raw for s in silos),
+            bytes_down_payload=sum(s.bytes_down_payload for s in silos),
+            bytes_up=bytes_up,
+            bytes_up_raw=sum(s.bytes_up_raw for s in silos),
+            bytes_up_payload=sum(s.bytes_up_payload for s in silos),
+            cum_bytes_down=(previous.cum_bytes_down if previous else 0) + bytes_down,
+            cum_bytes_up=(previous.cum_bytes_up if previous else 0) + bytes_up,
+            codec_down=self.codec_down.name,
+            codec_up=self.codec_up.name,
+            delta_downlink=self.cfg.compression.delta_downlink,
+            wall_seconds=round(seconds, 4),
+            num_results=len(results),
+            missing=missing,
+            late_refused=self._late.get(round_num, 0),
+            silos=silos,
+        )
         self._last_record = record
         self.store.commit_round(self.global_state, record)
         log.info(
@@ -528,8 +536,8 @@ class Coordinator:
             status,
             acc,
             loss,
-            record["bytes_down"] / 1e6,
-            record["bytes_up"] / 1e6,
+            bytes_down / 1e6,
+            bytes_up / 1e6,
             seconds,
         )
 
@@ -544,22 +552,3 @@ class Coordinator:
                 if not pending:
                     break
                 self._cond.wait(0.2)
-
-
-def check_state(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> str | None:
-    """Why ``state`` cannot enter an aggregate with ``like``, or None if it can."""
-    unknown = sorted(set(state) - set(like))
-    if unknown:
-        return f"unknown tensor {unknown[0]!r}"
-    absent = sorted(set(like) - set(state))
-    if absent:
-        return f"missing tensor {absent[0]!r}"
-    for name, ref in like.items():
-        t = state[name]
-        if t.shape != ref.shape:
-            return f"tensor {name!r} has shape {list(t.shape)}, expected {list(ref.shape)}"
-        if t.dtype != ref.dtype:
-            return f"tensor {name!r} has dtype {t.dtype}, expected {ref.dtype}"
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return f"tensor {name!r} holds NaN or infinite values"
-    return None

@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 
 from lssfl.common.faults import crash_point
 from lssfl.common.files import atomic_write
+from lssfl.common.records import RoundRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -115,30 +116,31 @@ class RoundStore:
     def checkpoint_path(self, round_num: int) -> Path:
         return self.run_dir / "checkpoints" / f"round-{round_num:04d}.safetensors"
 
-    def commit_round(self, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+    def commit_round(self, state: dict[str, torch.Tensor], record: RoundRecord) -> None:
         """Checkpoint, then the round's rows in one transaction, then metrics.jsonl."""
-        r = int(record["round"])
+        r = record.round
         data = state_bytes(state, {"round": str(r)})
         path = self.checkpoint_path(r)
         atomic_write(path, data, crash_tag=f"checkpoint:{r}")
         crash_point(f"commit:{r}")
+        line = json.dumps(record.to_dict())
         with self._lock, self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    r, record["status"], path.name, hashlib.sha256(data).hexdigest(),
-                    record["global_accuracy"], record["global_loss"],
-                    record["bytes_down"], record["bytes_up"],
-                    record["bytes_down_raw"], record["bytes_up_raw"],
-                    json.dumps(record), time.time(),
+                    r, record.status, path.name, hashlib.sha256(data).hexdigest(),
+                    record.global_accuracy, record.global_loss,
+                    record.bytes_down, record.bytes_up,
+                    record.bytes_down_raw, record.bytes_up_raw,
+                    line, time.time(),
                 ),
             )  # fmt: skip
             self._db.executemany(
                 "INSERT OR REPLACE INTO silo_rounds VALUES (?,?,?,?,?,?,?)",
                 [
-                    (r, s["silo_id"], s["status"], s["num_samples"], s["bytes_down"],
-                     s["bytes_up"], s["train_seconds"])
-                    for s in record["silos"]
+                    (r, s.silo_id, s.status, s.num_samples, s.bytes_down, s.bytes_up,
+                     s.train_seconds)
+                    for s in record.silos
                 ],
             )  # fmt: skip
             self._db.execute(
@@ -146,14 +148,15 @@ class RoundStore:
                 (str(r), "committed"),
             )
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[RoundRecord]:
+        """The committed rounds in order."""
         with self._lock:
             rows = self._db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [RoundRecord.from_dict(json.loads(r[0])) for r in rows]
 
     def last_round(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """The last committed round and its global model, checked against its digest."""
@@ -172,7 +175,7 @@ class RoundStore:
 
     def rewrite_metrics(self) -> None:
         """Make metrics.jsonl exactly the committed rounds (drops a line a crash left)."""
-        text = "".join(json.dumps(r) + "\n" for r in self.records())
+        text = "".join(json.dumps(r.to_dict()) + "\n" for r in self.records())
         atomic_write(self.metrics_path, text.encode())
 
     def set_phase(self, round_num: int, phase: str) -> None:

@@ -212,6 +212,9 @@ def test_malformed_and_missing_metrics_raise_one_line(tmp_path):
         '{"global_accuracy": 0.5}': "metrics.jsonl:2: 'round' must be an integer",
         '{"round": 1, "global_accuracy": "high"}': "'global_accuracy' must be a number",
         '{"round": 1, "silos": [{"silo_id": "a", "bytes_up": "x"}]}': "silo 'a': 'bytes_up'",
+        # Every figure of the round record, not only the ones the report draws.
+        '{"round": 1, "bytes_up_raw": [3]}': "'bytes_up_raw' must be a number",
+        '{"round": 1, "silos": [{"silo_id": "a", "num_samples": "9"}]}': "'num_samples' must",
     }
     for line, message in cases.items():
         (bad / "metrics.jsonl").write_text(f"{good}\n{line}\n{good}\n")

@@ -10,6 +10,7 @@ aggregation and evaluation on the coordinator, and waiting for late or missing s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -18,10 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lssfl.common.records import RoundRecord, SiloRound
+
 RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
 
 
 # ----------------------------------------------------------------- reading
+
+# The figures of a round and of a silo, as the coordinator writes them (RoundRecord,
+# SiloRound): the report reads them as numbers, so a line where one is not is refused.
+_NUMBER_TYPES = ("int", "float", "float | None")
+ROUND_NUMBERS = tuple(
+    f.name for f in dataclasses.fields(RoundRecord) if f.type in _NUMBER_TYPES and f.name != "round"
+)
+SILO_NUMBERS = tuple(f.name for f in dataclasses.fields(SiloRound) if f.type in _NUMBER_TYPES)
 
 
 def is_num(v: Any) -> bool:
@@ -35,7 +46,7 @@ def _check_record(rec: Any) -> str | None:
     r = rec.get("round")
     if not isinstance(r, int) or isinstance(r, bool) or r < 0:
         return f"'round' must be an integer >= 0, got {r!r}"
-    for key in ("global_accuracy", "global_loss", "wall_seconds", "bytes_down", "bytes_up"):
+    for key in ROUND_NUMBERS:
         v = rec.get(key)
         if v is not None and not is_num(v):
             return f"'{key}' must be a number, got {v!r}"
@@ -43,7 +54,7 @@ def _check_record(rec: Any) -> str | None:
     if not isinstance(silos, list) or not all(isinstance(s, dict) for s in silos):
         return "'silos' must be a list of objects"
     for s in silos:
-        for key in ("bytes_down", "bytes_up", "train_seconds"):
+        for key in SILO_NUMBERS:
             v = s.get(key)
             if v is not None and not is_num(v):
                 return f"silo {s.get('silo_id')!r}: '{key}' must be a number, got {v!r}"
