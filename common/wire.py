@@ -1,4 +1,4 @@
-"""TensorCodec: state dicts to and from streams of ``ModelChunk`` messages.
+"""The wire format: state dicts to and from streams of ``ModelChunk`` messages.
 
 A stream is: one header (download or upload), then per tensor a ``TensorSpec`` followed by
 data chunks of at most ``CHUNK_BYTES`` whose lengths add up to ``spec.nbytes``, then one
@@ -109,6 +109,17 @@ class WireTensor:
     codec: str
     delta: bool
     data: bytes | memoryview
+
+    def spec(self) -> pb.TensorSpec:
+        """The ``TensorSpec`` message that announces this tensor in a stream."""
+        return pb.TensorSpec(
+            name=self.name,
+            dtype=DTYPE_NAMES[self.dtype],
+            shape=list(self.shape),
+            codec=self.codec,
+            nbytes=len(memoryview(self.data)),
+            delta=self.delta,
+        )
 
 
 def pack_state(
@@ -226,14 +237,7 @@ def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator
     payload = 0
     for t in tensors:
         buf = memoryview(t.data)
-        spec = pb.TensorSpec(
-            name=t.name,
-            dtype=DTYPE_NAMES[t.dtype],
-            shape=list(t.shape),
-            codec=t.codec,
-            nbytes=len(buf),
-            delta=t.delta,
-        )
+        spec = t.spec()
         digest.update(_spec_key(spec))
         yield pb.ModelChunk(tensor=spec)
         for start in range(0, len(buf), CHUNK_BYTES):
@@ -324,6 +328,31 @@ def _decode_tensor(
     return ref + value
 
 
+def held_state(
+    tensors: list[WireTensor], reference: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """What a receiver holds after decoding ``tensors`` (against ``reference`` for deltas):
+    the encoder's view of its own lossy output, without a stream to parse."""
+    held = {}
+    for t in tensors:
+        spec = t.spec()
+        codec = None if spec.codec == RAW else _codec(spec.codec)
+        buf = torch.empty(spec.nbytes, dtype=torch.uint8)  # a copy, as a receiver has
+        buf.numpy()[:] = np.frombuffer(t.data, dtype=np.uint8)
+        held[t.name] = _decode_tensor(spec, codec, buf, reference)
+    return held
+
+
+def read_header(messages: Iterator[Message], kind: str) -> pb.ModelChunk:
+    """Take a stream's first message, which must be its ``kind`` ("download" or "upload")
+    header; WireError otherwise. The rest of ``messages`` goes to ``decode_after_header``."""
+    first = next(messages, None)
+    part, header = part_of(first) if first is not None else (None, None)
+    if part != kind or not isinstance(header, pb.ModelChunk):
+        raise WireError(f"stream must start with a {kind} header")
+    return header
+
+
 def decode_model(
     chunks: Iterable[Message],
     *,
@@ -331,17 +360,25 @@ def decode_model(
     max_payload_bytes: int,
     reference: dict[str, torch.Tensor] | None = None,
 ) -> DecodedModel:
-    """Rebuild a state dict from a stream, validating everything.
+    """Rebuild a state dict from a whole stream, validating everything.
 
     ``header_kind`` is "download" or "upload": the first message must be that header.
     Delta tensors are added to ``reference``. Raises WireError on anything malformed,
     truncated or corrupted.
     """
     it = iter(chunks)
-    first = next(it, None)
-    kind, header = part_of(first) if first is not None else (None, None)
-    if kind != header_kind:
-        raise WireError(f"stream must start with a {header_kind} header")
+    header = read_header(it, header_kind)
+    return decode_after_header(header, it, max_payload_bytes=max_payload_bytes, reference=reference)
+
+
+def decode_after_header(
+    header: pb.ModelChunk,
+    it: Iterator[Message],
+    *,
+    max_payload_bytes: int,
+    reference: dict[str, torch.Tensor] | None = None,
+) -> DecodedModel:
+    """``decode_model`` for a stream whose header ``read_header`` has already taken."""
     state: dict[str, torch.Tensor] = {}
     digest = checksum()
     payload = 0

@@ -8,6 +8,7 @@ slow work (decoding, aggregation) happens while holding it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from google.protobuf.message import Message as ProtoMessage
 
 from lssfl.common.codecs import parse_codec
 from lssfl.common.config import RunConfig
@@ -27,11 +29,12 @@ from lssfl.common.records import RoundRecord, SiloRound
 from lssfl.common.seeding import derive_seed
 from lssfl.common.wire import (
     FP32,
+    Message,
     WireError,
     WireTensor,
-    decode_model,
+    decode_after_header,
+    held_state,
     pack_state,
-    part_of,
     stream_tensors,
     to_wire,
 )
@@ -157,8 +160,7 @@ class Coordinator:
             self._silos[req.silo_id] = SiloInfo(
                 req.silo_id, req.num_samples, req.device, time.monotonic()
             )
-            self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
-            self.meter.add(self._round, req.silo_id, DOWN, reply.ByteSize())
+            self._meter_call(self._round, req.silo_id, req, reply)
             self._cond.notify_all()
         self.store.set_silo(req.silo_id, "joined", req.num_samples, req.device)
         log.info(
@@ -202,8 +204,7 @@ class Coordinator:
                 self._cond.wait(left)
                 task = self._task_for(req.silo_id)
             task = task or cpb.Task(kind=cpb.Task.WAIT, run_id=self.run_id, round=self._round)
-            self.meter.add(task.round, req.silo_id, UP, req.ByteSize())
-            self.meter.add(task.round, req.silo_id, DOWN, task.ByteSize())
+            self._meter_call(task.round, req.silo_id, req, task)
         return task
 
     def download(self, req: cpb.DownloadRequest) -> Iterator[bytes]:
@@ -219,28 +220,14 @@ class Coordinator:
             d = self._download
             holds_base = req.HasField("have_round") and req.have_round == d.base_round
             messages = d.delta if d.delta is not None and holds_base else d.full
-            round_num = self._round
-            self.meter.add(round_num, req.silo_id, UP, req.ByteSize())
+            self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
+            return self._metered_download(self._round, req.silo_id, messages)
 
-        def stream() -> Iterator[bytes]:
-            for msg, sizes in messages:
-                self.meter.add(round_num, req.silo_id, DOWN, *sizes)
-                yield msg
-
-        return stream()
-
-    def upload(
-        self, chunks: Iterable[pb.ModelChunk], authorize: Callable[[str], None] = lambda s: None
-    ) -> cpb.UploadReply:
-        it = iter(chunks)
-        first = next(it, None)
-        kind, head_msg = part_of(first) if first is not None else (None, None)
-        if kind != "upload":
-            log.warning("rejected upload: upload must start with its header")
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header")
-        head = head_msg.upload
+    def upload(self, header: pb.ModelChunk, chunks: Iterator[Message]) -> cpb.UploadReply:
+        """Take one silo's result: ``header`` (read and authenticated by the service: the caller
+        is ``header.upload.silo_id``), then the rest of the stream."""
+        head = header.upload
         silo, round_num = head.silo_id, head.round
-        authorize(silo)
         with self._cond:
             self._touch(silo)
             self._check_run(head.run_id)
@@ -249,18 +236,12 @@ class Coordinator:
                 return cpb.UploadReply(accepted=True, message="duplicate upload ignored")
             self._silos[silo].state = "uploading"
             reference = self._broadcast
-        self.meter.add(round_num, silo, UP, first.ByteSize())
-
-        def metered() -> Iterator[pb.ModelChunk]:
-            yield first
-            for msg in it:
-                self.meter.add(round_num, silo, UP, *message_sizes(msg))
-                yield msg
-
+        stream = self._metered_upload(round_num, silo, itertools.chain([header], chunks))
+        next(stream)  # the header, counted like every message of the stream
         try:
-            decoded = decode_model(
-                metered(),
-                header_kind="upload",
+            decoded = decode_after_header(
+                header,
+                stream,
                 max_payload_bytes=int(self.cfg.coordinator.max_upload_mb * 2**20),
                 reference=reference,
             )
@@ -317,9 +298,29 @@ class Coordinator:
             self._check_run(req.run_id)
             info.state = req.state or info.state
             reply = cpb.HeartbeatReply(current_round=self._round)
-            self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
-            self.meter.add(self._round, req.silo_id, DOWN, reply.ByteSize())
+            self._meter_call(self._round, req.silo_id, req, reply)
         return reply
+
+    def _meter_call(
+        self, round_num: int, silo: str, request: ProtoMessage, reply: ProtoMessage
+    ) -> None:
+        """Count a unary call: its request up, its reply down."""
+        self.meter.add(round_num, silo, UP, request.ByteSize())
+        self.meter.add(round_num, silo, DOWN, reply.ByteSize())
+
+    def _metered_download(self, round_num: int, silo: str, messages: Metered) -> Iterator[bytes]:
+        """Stream ``messages`` to ``silo``, counting each as it goes out."""
+        for msg, sizes in messages:
+            self.meter.add(round_num, silo, DOWN, *sizes)
+            yield msg
+
+    def _metered_upload(
+        self, round_num: int, silo: str, messages: Iterable[Message]
+    ) -> Iterator[Message]:
+        """Pass on ``messages`` from ``silo``, counting each as it comes in."""
+        for msg in messages:
+            self.meter.add(round_num, silo, UP, *message_sizes(msg))
+            yield msg
 
     # ------------------------------------------------------------------ driver
 
@@ -341,23 +342,20 @@ class Coordinator:
             dheader = pb.ModelChunk()
             dheader.CopyFrom(header)
             dheader.download.base_round = round_num - 1
-            delta = _metered(pack_state(self.global_state, self.codec_down, prev), dheader)
-            # Decode exactly as the silos will, so both sides hold the same bytes.
-            held = decode_model(
-                (m for m, _ in delta), header_kind="download", max_payload_bytes=1 << 62,
-                reference=prev,
-            ).state  # fmt: skip
+            delta = pack_state(self.global_state, self.codec_down, prev)
+            # What the silos will decode, so that both sides hold the same bytes.
+            held = held_state(delta, prev)
             # Silos without last round's model get what the others now hold, exactly.
-            download = _Download(_metered(pack_state(held), header), delta, round_num - 1)
+            download = _Download(
+                _metered(pack_state(held), header), _metered(delta, dheader), round_num - 1
+            )
         elif self.cfg.compression.delta_downlink or self.codec_down == FP32:
             held = self.global_state
             download = _Download(_metered(pack_state(held), header))
         else:
-            full = _metered(pack_state(self.global_state, self.codec_down), header)
-            held = decode_model(
-                (m for m, _ in full), header_kind="download", max_payload_bytes=1 << 62
-            ).state
-            download = _Download(full)
+            full = pack_state(self.global_state, self.codec_down)
+            held = held_state(full)
+            download = _Download(_metered(full, header))
         self._broadcast = held
         return download
 

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,9 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from lssfl.common.config import SecuritySection
 from lssfl.common.rpc import GRPC_OPTIONS, SERVICE, add_coordinator_servicer
 from lssfl.common.security import CA_CERT, SERVER_CERT, SERVER_KEY, TOKEN_HEADER, TOKENS, TokenTable
+from lssfl.common.wire import Message, WireError, read_header
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
-from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.coordinator import Coordinator, RpcError
 
 log = logging.getLogger("lssfl.service")
@@ -68,53 +68,60 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         self.c = coordinator
         self.gate = Gatekeeper(coordinator.cfg.security)
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+    def _answer(
+        self,
+        context: grpc.ServicerContext,
+        silo_id: str | None,
+        method: Callable[..., T],
+        *args: Any,
+    ) -> T:
+        """``method(*args)`` for a caller checked to be ``silo_id`` (None: ``method`` checks,
+        as an upload names its silo only in its header). A refusal aborts the call with its
+        status code; a bug costs this call, not the coordinator."""
         try:
-            return fn()
+            if silo_id is not None:
+                self.gate.check(context, silo_id)
+            return method(*args)
         except RpcError as exc:
             context.abort(exc.code, str(exc))
-        except Exception as exc:  # a bug must cost one call, not the coordinator
+        except Exception as exc:
             log.exception("internal error")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # abort raises
 
-    def _checked(self, context: grpc.ServicerContext, silo_id: str, fn: Callable[[], T]) -> T:
-        self.gate.check(context, silo_id)
-        return fn()
+    def _upload(self, context: grpc.ServicerContext, chunks: Iterator[Message]) -> cpb.UploadReply:
+        it = iter(chunks)
+        try:
+            header = read_header(it, "upload")
+        except WireError:
+            log.warning("rejected upload: upload must start with its header")
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header"
+            ) from None
+        self.gate.check(context, header.upload.silo_id)
+        return self.c.upload(header, it)
 
     def Join(self, request: cpb.JoinRequest, context: grpc.ServicerContext) -> cpb.JoinReply:
-        return self._call(
-            context, lambda: self._checked(context, request.silo_id, lambda: self.c.join(request))
-        )
+        return self._answer(context, request.silo_id, self.c.join, request)
 
     def GetTask(self, request: cpb.TaskRequest, context: grpc.ServicerContext) -> cpb.Task:
-        return self._call(
-            context,
-            lambda: self._checked(context, request.silo_id, lambda: self.c.get_task(request)),
-        )
+        return self._answer(context, request.silo_id, self.c.get_task, request)
 
     def DownloadModel(
         self, request: cpb.DownloadRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelChunk]:
-        yield from self._call(
-            context,
-            lambda: self._checked(context, request.silo_id, lambda: self.c.download(request)),
-        )
+    ) -> Iterator[bytes]:
+        # Pre-serialized ModelChunk messages: the handler's serializer passes bytes through.
+        yield from self._answer(context, request.silo_id, self.c.download, request)
 
     def UploadResult(
-        self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext
+        self, request_iterator: Iterator[Message], context: grpc.ServicerContext
     ) -> cpb.UploadReply:
-        return self._call(
-            context, lambda: self.c.upload(request_iterator, lambda s: self.gate.check(context, s))
-        )
+        return self._answer(context, None, self._upload, context, request_iterator)
 
     def Heartbeat(
         self, request: cpb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> cpb.HeartbeatReply:
-        return self._call(
-            context,
-            lambda: self._checked(context, request.silo_id, lambda: self.c.heartbeat(request)),
-        )
+        return self._answer(context, request.silo_id, self.c.heartbeat, request)
 
 
 def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | None:

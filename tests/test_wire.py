@@ -1,4 +1,3 @@
-
 import json
 
 import numpy as np
@@ -15,11 +14,14 @@ from lssfl.common.wire import (
     RawData,
     WireError,
     data_message,
+    decode_after_header,
     decode_model,
     encode_model,
+    held_state,
     pack_state,
     parse_chunk,
     raw_fp32_bytes,
+    read_header,
     stream_tensors,
     to_wire,
 )
@@ -243,3 +245,33 @@ def test_damaged_streams_decode_or_refuse(spec, data):
 def test_random_messages_after_a_header_are_refused(raw):
     with pytest.raises(WireError):
         _decode([to_wire(HEADER), *raw])
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8", "fp16+zstd", "topk0.1+int8"])
+@pytest.mark.parametrize("delta", [False, True])
+def test_held_state_is_what_the_receiver_decodes(codec, delta):
+    gen = torch.Generator().manual_seed(3)
+    ref = {"w": torch.randn(64, 9, generator=gen), "n": torch.tensor(7), "e": torch.zeros(0)}
+    state = {k: (v + 0.01 * torch.randn(v.shape, generator=gen) if k == "w" else v)
+             for k, v in ref.items()}  # fmt: skip
+    reference = ref if delta else None
+    if codec.startswith("topk") and not delta:
+        codec = "int8"  # top-k needs a delta
+    tensors = pack_state(state, parse_codec(codec), reference)
+    held = held_state(tensors, reference)
+    stream = iter(list(stream_tensors(tensors, HEADER)))
+    header = read_header(stream, "download")
+    decoded = decode_after_header(header, stream, max_payload_bytes=1 << 30, reference=reference)
+    assert held.keys() == decoded.state.keys()
+    for name, t in decoded.state.items():
+        assert held[name].dtype == t.dtype and torch.equal(held[name], t), name
+    if codec != "fp32":
+        assert not torch.equal(held["w"], state["w"])  # lossy: what arrives, not what was sent
+
+
+def test_read_header_takes_only_the_named_header():
+    stream = iter(list(encode_model({"w": torch.ones(2)}, HEADER)))
+    with pytest.raises(WireError, match="must start with a upload header"):
+        read_header(stream, "upload")
+    with pytest.raises(WireError, match="must start with a download header"):
+        read_header(iter([]), "download")
