@@ -1,15 +1,5 @@
-"""Silo data on disk, and the embedded default dataset that needs no network.
-
-On-disk format of one split folder ``DIR``:
-
-* ``DIR/data.safetensors``: tensors ``x`` (float32, N x C x H x W) and ``y`` (int64, N);
-  the multi-domain test split also carries ``domain`` (int64, N), the per-sample domain index.
-* ``DIR/meta.json``: a JSON object, e.g. ``{"domain": "inverted", "num_classes": 10,
-  "class_counts": [...]}``. ``num_classes`` bounds the labels (10 when absent).
-
-Safetensors rather than pickle because silo data crosses trust boundaries: loading it must
-never execute code. Both files are written atomically so a crash or a concurrent reader never
-sees half a file.
+"""The embedded default dataset, which needs no network, written as split folders
+(``lssfl.common.splits``: the on-disk format, its validation, loading).
 
 The embedded dataset is the real UCI handwritten digits bundled with scikit-learn, upsampled
 to 3x16x16 and restyled into five domains (a feature shift), split once into a public
@@ -26,8 +16,6 @@ import functools
 import json
 import math
 import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,18 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from lssfl.common.files import atomic_save_tensors, atomic_write
-
-# The generator's name for the project's one seed derivation.
+# The generator's names for the project's one seed derivation and one JSON writer.
 from lssfl.common.seeding import seed_of as _derive_seed
+from lssfl.common.splits import (
+    DATA_FILE,
+    META_FILE,
+    NUM_CLASSES,
+    SILO_DIR_RE,
+    load_split,  # noqa: F401  (bench/lss_sweep.py and server/initial.py import it from here)
+    remove_stale_silos,
+    save_split,
+)
+from lssfl.common.splits import write_json as _write_json
 
-DATA_FILE = "data.safetensors"
-META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 
-NUM_CLASSES = 10
 IMAGE_SIZE = 16
 CHANNELS = 3
 DOMAINS: tuple[str, ...] = ("original", "inverted", "rotated", "colored", "noisy")
@@ -67,33 +59,6 @@ GENERATOR_VERSION = "sklearn-digits/2"
 PRETRAIN_COPIES = 2
 MAX_SHIFT = 1
 
-_SILO_DIR_RE = re.compile(r"^silo-(\d+)$")
-
-
-class DataError(ValueError):
-    """Silo data that cannot be used; the message is one line naming the path and the problem."""
-
-
-@dataclass(frozen=True)
-class Split:
-    """One loaded split: images ``x`` (N x C x H x W float32), labels ``y`` (N int64)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    meta: dict[str, Any]
-    # Per-sample domain index; only the multi-domain test split has one.
-    domain: torch.Tensor | None = None
-
-    @property
-    def num_samples(self) -> int:
-        """Number of samples in the split."""
-        return int(self.y.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        """Label space size from the metadata (labels are checked against it on load)."""
-        return int(self.meta.get("num_classes", NUM_CLASSES))
-
 
 @dataclass(frozen=True)
 class EmbeddedLayout:
@@ -103,128 +68,6 @@ class EmbeddedLayout:
     silo_dirs: dict[str, Path]
     test_dir: Path
     pretrain_dir: Path
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _check_tensors(
-    where: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, domain: torch.Tensor | None
-) -> None:
-    """Raise DataError if ``x``/``y``/``domain`` are not a usable split."""
-    if x.dtype != torch.float32:
-        raise DataError(f"{where}: x has dtype {x.dtype}, expected torch.float32")
-    if y.dtype != torch.int64:
-        raise DataError(f"{where}: y has dtype {y.dtype}, expected torch.int64")
-    if x.dim() != 4:
-        raise DataError(f"{where}: x must be 4-D (N x C x H x W), got shape {tuple(x.shape)}")
-    if y.dim() != 1:
-        raise DataError(f"{where}: y must be 1-D, got shape {tuple(y.shape)}")
-    if x.shape[0] != y.shape[0]:
-        raise DataError(f"{where}: len(x)={x.shape[0]} != len(y)={y.shape[0]}")
-    if y.shape[0] == 0:
-        raise DataError(f"{where}: empty split (0 samples)")
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise DataError(f"{where}: x has {bad} non-finite values (NaN/inf)")
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= num_classes:
-        raise DataError(f"{where}: labels out of range [0, {num_classes}): min {lo}, max {hi}")
-    if domain is not None and (
-        domain.dtype != torch.int64 or domain.dim() != 1 or domain.shape[0] != y.shape[0]
-    ):
-        raise DataError(
-            f"{where}: domain must be int64 of shape ({y.shape[0]},), "
-            f"got {domain.dtype} {tuple(domain.shape)}"
-        )
-
-
-def _num_classes_from_meta(where: str, meta: dict[str, Any]) -> int:
-    n = meta.get("num_classes", NUM_CLASSES)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise DataError(f"{where}: num_classes must be a positive integer, got {n!r}")
-    return n
-
-
-# --------------------------------------------------------------------------- split I/O
-
-
-def save_split(
-    directory: str | os.PathLike[str],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    meta: dict[str, Any] | None = None,
-    domain: torch.Tensor | None = None,
-) -> Path:
-    """Validate and write one split folder; fills in ``num_classes`` and ``class_counts``.
-
-    Refuses (DataError) to write anything :func:`load_split` would reject, so bad data is
-    caught where it is made rather than on a silo later.
-    """
-    path = Path(directory)
-    meta = dict(meta or {})
-    num_classes = _num_classes_from_meta(str(path), meta)
-    x = x.detach().cpu()
-    y = y.detach().cpu()
-    domain = None if domain is None else domain.detach().cpu()
-    _check_tensors(str(path), x, y, num_classes, domain)
-    meta["num_classes"] = num_classes
-    meta["class_counts"] = torch.bincount(y, minlength=num_classes).tolist()
-    meta["num_samples"] = int(y.shape[0])
-    meta["shape"] = list(x.shape[1:])
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {"x": x, "y": y}
-    if domain is not None:
-        tensors["domain"] = domain
-    atomic_save_tensors(path / DATA_FILE, tensors)
-    _write_json(path / META_FILE, meta)
-    return path
-
-
-def _load_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / META_FILE
-    if not meta_path.exists():
-        return {}
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{meta_path}: unreadable meta.json: {_one_line(exc)}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{meta_path}: meta.json must hold a JSON object")
-    return meta
-
-
-def load_split(directory: str | os.PathLike[str]) -> Split:
-    """Load and validate one split folder; every problem raises :class:`DataError`."""
-    path = Path(directory)
-    if not path.exists():
-        raise DataError(f"{path}: split folder missing")
-    if not path.is_dir():
-        raise DataError(f"{path}: not a folder")
-    data_path = path / DATA_FILE
-    if not data_path.is_file():
-        raise DataError(f"{path}: {DATA_FILE} missing")
-    meta = _load_meta(path)
-    num_classes = _num_classes_from_meta(str(path / META_FILE), meta)
-    try:
-        tensors = load_file(str(data_path))
-    except Exception as exc:  # safetensors raises several types for corrupt input
-        raise DataError(f"{data_path}: unreadable or corrupt: {_one_line(exc)}") from None
-    for key in ("x", "y"):
-        if key not in tensors:
-            have = ", ".join(sorted(tensors)) or "none"
-            raise DataError(f"{data_path}: missing tensor {key!r} (has: {have})")
-    x, y, domain = tensors["x"], tensors["y"], tensors.get("domain")
-    _check_tensors(str(data_path), x, y, num_classes, domain)
-    return Split(x=x, y=y, meta=meta, domain=domain)
 
 
 # --------------------------------------------------------------------------- embedded digits
@@ -393,20 +236,6 @@ def _is_cached(layout: EmbeddedLayout, expected: dict[str, Any]) -> bool:
     return all((d / DATA_FILE).is_file() and (d / META_FILE).is_file() for d in dirs)
 
 
-def remove_stale_silos(root: Path, num_silos: int) -> None:
-    """Drop silo folders left by an earlier, larger layout, but only ones that we wrote."""
-    ours = {DATA_FILE, META_FILE}
-    for child in root.iterdir():
-        m = _SILO_DIR_RE.match(child.name)
-        if (
-            m
-            and int(m.group(1)) > num_silos
-            and child.is_dir()
-            and {p.name for p in child.iterdir()} <= ours
-        ):
-            shutil.rmtree(child)
-
-
 def _validate_params(num_silos: int, alpha: float | None, seed: int) -> None:
     max_silos = _pool_size() // MIN_SILO_SAMPLES
     if not isinstance(num_silos, int) or not 1 <= num_silos <= max_silos:
@@ -511,7 +340,7 @@ def describe(root: str | os.PathLike[str]) -> str:
     if not root.is_dir():
         return f"{root}: no such data folder"
     silos = sorted(
-        (p for p in root.iterdir() if p.is_dir() and _SILO_DIR_RE.match(p.name)),
+        (p for p in root.iterdir() if p.is_dir() and SILO_DIR_RE.match(p.name)),
         key=lambda p: int(p.name.split("-")[1]),
     )
     rows = [("split", "domain", "samples", "classes")]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lssfl.common.data import DataError
+from lssfl.common.splits import DataError
 
 Split = Literal["train", "test"]
 

@@ -150,7 +150,7 @@ def check_test_fraction(fraction: float) -> None:
 
 def _prepare_out(out: Path, root: Path, num_silos: int, folder_dataset: bool) -> None:
     """Create ``out``; drop our own leftovers from an earlier, larger partition."""
-    from lssfl.common.data import DataError, remove_stale_silos
+    from lssfl.common.splits import DataError, remove_stale_silos
 
     out_r, root_r = out.resolve(), root.resolve()
     if out_r == root_r or (folder_dataset and root_r in out_r.parents):
@@ -238,8 +238,8 @@ def partition_dataset(
     """Write ``out/silo-1..N``, ``out/test`` and ``out/partition.json``; return the summary."""
     import torch
 
-    from lssfl.common.data import save_split
     from lssfl.common.datasets import canonical_name, has_test_split, load_dataset
+    from lssfl.common.splits import save_split
 
     if scheme not in SCHEMES:
         raise ValueError(f"--scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")

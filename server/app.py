@@ -12,11 +12,11 @@ import torch
 import yaml
 
 from lssfl.common.config import RunConfig
-from lssfl.common.data import load_split
 from lssfl.common.dataroot import prepare_data_root
 from lssfl.common.files import atomic_write
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.rpc import ADDRESS_FILE
+from lssfl.common.splits import load_split
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.initial import initial_state
 from lssfl.server.service import serve

@@ -21,12 +21,12 @@ import torch
 
 from lssfl import __version__
 from lssfl.common.codecs import ErrorFeedback, parse_codec
-from lssfl.common.data import Split, load_split
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
+from lssfl.common.splits import Split, load_split
 from lssfl.common.wire import (
     FP32,
     DecodedModel,

@@ -1,4 +1,4 @@
-"""Tests for the split format (lssfl.common.data) and the embedded digits dataset."""
+"""Tests for the split format (lssfl.common.splits) and the embedded digits (lssfl.common.data)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,18 @@ import torch
 from safetensors.torch import save_file
 
 from lssfl.common.data import (
-    DATA_FILE,
     DOMAINS,
     MANIFEST_FILE,
-    META_FILE,
     MIN_SILO_SAMPLES,
-    NUM_CLASSES,
     PRETRAIN_COPIES,
-    DataError,
     EmbeddedLayout,
     apply_domain,
     base_images,
     describe,
-    load_split,
     materialize_embedded,
-    save_split,
     shift_images,
 )
+from lssfl.common.splits import DATA_FILE, META_FILE, NUM_CLASSES, DataError, load_split, save_split
 
 NUM_DIGITS = 1797
 

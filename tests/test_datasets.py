@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from lssfl.common.data import DataError
 from lssfl.common.datasets import (
     DATASETS,
     IMAGENET_MEAN,
@@ -23,6 +22,7 @@ from lssfl.common.datasets import (
     has_test_split,
     load_dataset,
 )
+from lssfl.common.splits import DataError
 
 CIFAR_CLASSES = [
     "airplane",

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 from safetensors.numpy import load_file
 
-from lssfl.common.data import load_split, save_split
+from lssfl.common.splits import load_split, save_split
 from tests.conftest import free_port, lssfl_cmd, read_jsonl, run_lssfl, wait_for
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lssfl.common.data import DATA_FILE, META_FILE, DataError, load_split
 from lssfl.common.datasets import DATASETS
+from lssfl.common.splits import DATA_FILE, META_FILE, DataError, load_split
 from lssfl.partition import (
     DATASET_NAMES,
     MIN_SILO_SAMPLES,

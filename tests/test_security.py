@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lssfl.common.config import parse_config
-from lssfl.common.data import save_split
 from lssfl.common.security import CA_CERT, channel_credentials, make_certs, silo_files
+from lssfl.common.splits import save_split
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.server.coordinator import Coordinator
