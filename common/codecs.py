@@ -289,6 +289,7 @@ def _encode_topk(flat: torch.Tensor, spec: CodecSpec) -> bytes:
     if numel >= _MAX_TOPK_NUMEL:
         raise CodecError(f"topk needs fewer than 2**32 elements, tensor has {numel}")
     _finite_extremes(flat)  # before topk: a NaN would otherwise just be ranked
+    assert spec.topk is not None  # callers dispatch here on it
     k = topk_count(spec.topk, numel)
     if k == numel:
         index = np.arange(numel)
@@ -381,13 +382,13 @@ def _decompress(buf: memoryview, method: str, expected: int) -> bytes:
         if out or not stream.eof or stream.unused_data:
             raise CodecError("zstd payload of an empty tensor is not one empty frame")
         return out
-    stream = zlib.decompressobj()
+    inflate = zlib.decompressobj()
     try:
         # max_length bounds the output; one byte more than needed reveals an overlong stream.
-        out = stream.decompress(buf, expected + 1)
+        out = inflate.decompress(buf, expected + 1)
     except (zlib.error, MemoryError):
         raise CodecError("corrupt zlib payload") from None
-    if len(out) != expected or not stream.eof or stream.unused_data or stream.unconsumed_tail:
+    if len(out) != expected or not inflate.eof or inflate.unused_data or inflate.unconsumed_tail:
         raise CodecError(f"zlib payload does not hold exactly {expected} bytes")
     return out
 
@@ -431,6 +432,7 @@ def _decode_topk(
     arr: np.ndarray, spec: CodecSpec, shape: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor:
     numel = math.prod(shape)
+    assert spec.topk is not None  # callers dispatch here on it
     k = topk_count(spec.topk, numel)
     if k == 0:
         return torch.zeros(shape, dtype=dtype)
@@ -452,9 +454,8 @@ def decode_tensor(
     """Tensor of ``shape`` and ``dtype`` from a payload; ``CodecError`` if it is not valid."""
     dims = _check_shape(shape)
     expected = payload_bytes(spec, dims, dtype)
-    buf = _as_bytes(data)
-    if spec.lossless is not None:
-        buf = _decompress(buf, spec.lossless, expected)
+    payload = _as_bytes(data)
+    buf = payload if spec.lossless is None else _decompress(payload, spec.lossless, expected)
     if len(buf) != expected:
         raise CodecError(
             f"payload holds {len(buf)} bytes, {spec.name} of shape {list(dims)} {dtype} "

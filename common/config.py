@@ -116,7 +116,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         (inner,) = [o for o in options if o is not type(None)]
         return _coerce(value, inner, key)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
         return build_section(tp, value, key + ".")

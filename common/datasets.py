@@ -225,7 +225,7 @@ def _read_cifar10(root: Path, split: Split, download: bool) -> _Raw:
     return _Raw(images, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes))
 
 
-def _cifar_checksums(cls: type) -> list[tuple[str, str]]:
+def _cifar_checksums(cls: Any) -> list[tuple[str, str]]:
     pairs = [(name, md5) for name, md5 in cls.train_list + cls.test_list]
     return [*pairs, (cls.meta["filename"], cls.meta["md5"])]
 
@@ -348,8 +348,8 @@ def _read_images(paths: list[Path], image_size: int | None, channels: int) -> to
     out: np.ndarray | None = None
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
+            with Image.open(path) as opened:
+                img = opened.convert(mode)
                 if image_size is not None and img.size != (image_size, image_size):
                     # PIL's bilinear resize filters over the whole footprint when shrinking,
                     # so large photos do not alias into noise.

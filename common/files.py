@@ -54,7 +54,11 @@ def _replace_with(path: Path, write: Callable[[Path], None], crash_tag: str) -> 
 def atomic_write(path: Path, data: bytes, crash_tag: str = "") -> None:
     """Replace ``path`` with ``data``; ``crash_tag`` names a fault-injection point just
     before the rename (``lssfl.common.faults``)."""
-    _replace_with(path, lambda tmp: tmp.write_bytes(data), crash_tag)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    _replace_with(path, write, crash_tag)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

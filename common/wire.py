@@ -96,7 +96,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:  # views of empty tensors may have stride 0, which numpy refuses
         return memoryview(b"")
     # A uint8 view works for every dtype, bfloat16 included, without copying.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 @dataclass
@@ -192,6 +192,8 @@ class RawData(NamedTuple):
 
 
 Message = pb.ModelChunk | RawData | bytes
+# What a sender yields: messages, and data chunks already serialized.
+Outgoing = pb.ModelChunk | bytes
 
 
 def parse_chunk(buf: bytes) -> pb.ModelChunk | RawData:
@@ -213,7 +215,7 @@ def parse_chunk(buf: bytes) -> pb.ModelChunk | RawData:
         raise WireError(f"undecodable message: {exc}") from None
 
 
-def to_wire(msg: Message) -> bytes:
+def to_wire(msg: Outgoing) -> bytes:
     """gRPC serializer for ModelChunk streams: pre-serialized chunks pass through."""
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
@@ -227,7 +229,7 @@ def part_of(msg: Message) -> tuple[str | None, pb.ModelChunk | RawData]:
     return msg.WhichOneof("part"), msg
 
 
-def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator[Message]:
+def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator[Outgoing]:
     """Yield the messages of one stream: ``header``, tensors, ``StreamEnd``.
 
     Data chunks come pre-serialized (bytes); serialize the rest with ``to_wire``.
@@ -252,7 +254,7 @@ def stream_tensors(tensors: list[WireTensor], header: pb.ModelChunk) -> Iterator
 
 def encode_model(
     state: dict[str, torch.Tensor], header: pb.ModelChunk, spec: CodecSpec = FP32
-) -> Iterator[Message]:
+) -> Iterator[Outgoing]:
     """A whole state dict as one stream (no reference: every tensor travels whole)."""
     return stream_tensors(pack_state(state, spec), header)
 
@@ -317,7 +319,7 @@ def _decode_tensor(
         value = buf.view(dtype).reshape(shape)  # the received bytes, no copy
     else:
         try:
-            value = decode_tensor(memoryview(buf.numpy()), codec, shape, dtype)
+            value = decode_tensor(buf.numpy().data, codec, shape, dtype)
         except CodecError as exc:
             raise WireError(f"tensor {spec.name!r}: {exc}") from None
     if not spec.delta:
@@ -397,7 +399,7 @@ def decode_after_header(
 
     for raw_msg in it:
         part, msg = part_of(raw_msg)
-        if part == "tensor":
+        if part == "tensor" and isinstance(msg, pb.ModelChunk):
             finish_tensor()
             spec = msg.tensor
             codec = _check_spec(spec, state, max_payload_bytes - payload)
@@ -415,9 +417,9 @@ def decode_after_header(
             dest[filled : filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
             digest.update(piece)
             filled += len(piece)
-        elif part == "end":
+        elif part == "end" and isinstance(msg, pb.ModelChunk):
             end = msg.end
-            if filled != (spec.nbytes if spec else 0):
+            if spec is not None and filled != spec.nbytes:
                 raise WireError(f"tensor {spec.name!r}: got {filled} of {spec.nbytes} bytes")
             if not end.checksum:
                 # Builds before XXH3 sent a SHA-256 in field 1, which this one does not read.

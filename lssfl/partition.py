@@ -253,7 +253,9 @@ def partition_dataset(
     root, out = Path(root).expanduser(), Path(out).expanduser()
     folder_dataset = name in ("imagefolder", "domainfolder")
 
-    load = dict(image_size=image_size, channels=channels, download=download, normalize=normalize)
+    load: dict[str, Any] = dict(
+        image_size=image_size, channels=channels, download=download, normalize=normalize
+    )
     data = load_dataset(name, root, "train", **load)
     if scheme == "domain" and data.domains is not None:
         domain_split(data.domains.numpy(), data.domain_names, silos)  # fail before any I/O
@@ -307,7 +309,9 @@ def partition_dataset(
     if held_out is not None:
         test_meta["indices"] = held_out
     save_split(out / "test", test.x, test.y, test_meta, domain=test.domains)
-    records.append(_split_record("test", test_meta["domain"], test.y.numpy(), data.num_classes))
+    records.append(
+        _split_record("test", str(test_meta["domain"]), test.y.numpy(), data.num_classes)
+    )
 
     summary = {
         "dataset": name,

@@ -22,7 +22,9 @@ class Count:
 def message_sizes(msg: Message) -> tuple[int, int, int]:
     """Serialized, raw fp32 and encoded payload bytes of one stream message."""
     part, chunk = part_of(msg)
-    size = chunk.size if isinstance(chunk, RawData) else chunk.ByteSize()
+    if isinstance(chunk, RawData):
+        return chunk.size, 0, len(chunk.data)
+    size = chunk.ByteSize()
     if part == "tensor":
         return size, raw_fp32_bytes(chunk.tensor), 0
     if part == "data":

@@ -30,6 +30,7 @@ from lssfl.common.splits import Split, load_split
 from lssfl.common.wire import (
     FP32,
     DecodedModel,
+    Outgoing,
     WireError,
     decode_model,
     pack_state,
@@ -45,7 +46,7 @@ T = TypeVar("T")
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def _with_crash_point(messages: Iterator[pb.ModelChunk], tag: str) -> Iterator[pb.ModelChunk]:
+def _with_crash_point(messages: Iterator[Outgoing], tag: str) -> Iterator[Outgoing]:
     """The fault tests kill a silo here, with part of its upload on the wire."""
     for i, msg in enumerate(messages):
         if i == 3:

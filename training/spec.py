@@ -33,7 +33,8 @@ def trainer_spec(section: Mapping[str, Any], source: str = "") -> dict[str, Any]
         build_section(type(trainer), params, "trainer.")
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
-    return {"name": section["name"], **dataclasses.asdict(trainer)}
+    params = dataclasses.asdict(trainer)  # type: ignore[call-overload]  # every trainer is one
+    return {"name": section["name"], **params}
 
 
 def effective_config(cfg: RunConfig) -> dict[str, Any]:

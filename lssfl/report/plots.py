@@ -43,7 +43,7 @@ def _target_line(ax, target: float | None, note: str) -> None:
         ax.axhline(target, color="0.4", ls=":", lw=1.2, label=f"target {target:.4f} ({note})")
 
 
-def _not_aggregated(ax, x: list[float], runs_recs: list[dict[str, Any]], acc, color) -> bool:
+def _not_aggregated(ax, x: Sequence[float], runs_recs: list[dict[str, Any]], acc, color) -> bool:
     pts = [(xi, a) for xi, r, a in zip(x, runs_recs, acc, strict=True)
            if r.get("status") not in (None, "ok", "initial")]  # fmt: skip
     if pts:
@@ -226,7 +226,7 @@ def plot_bytes_per_silo(runs: Sequence[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _silo_colors(n: int) -> list[str]:
+def _silo_colors(n: int) -> list[tuple[float, float, float, float]]:
     from matplotlib import colormaps
 
     if n <= 8:  # not tab10: those colours mark the runs in the other plots

@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from lssfl.common.records import RoundRecord, SiloRound
 
@@ -35,7 +35,7 @@ ROUND_NUMBERS = tuple(
 SILO_NUMBERS = tuple(f.name for f in dataclasses.fields(SiloRound) if f.type in _NUMBER_TYPES)
 
 
-def is_num(v: Any) -> bool:
+def is_num(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
