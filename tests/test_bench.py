@@ -13,6 +13,9 @@ import pytest
 
 from lssfl.common.models import build_model
 
+# Real OS processes, gRPC over sockets: minutes on 2 cores (`pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 

@@ -29,6 +29,9 @@ import yaml
 
 from tests.conftest import read_jsonl
 
+# Real OS processes, gRPC over sockets: minutes on 2 cores (`pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"

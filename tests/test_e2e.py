@@ -6,10 +6,14 @@ import signal
 import subprocess
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from lssfl.common.splits import load_split, save_split
 from tests.conftest import free_port, lssfl_cmd, read_jsonl, run_lssfl, wait_for
+
+# Real OS processes, gRPC over sockets: minutes on 2 cores (`pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 
 def test_lssfl_run_three_silos_aggregate_matches_independent_average(tmp_path, write_config):

@@ -17,6 +17,9 @@ from safetensors.numpy import load_file
 
 from tests.conftest import free_port, lssfl_cmd, make_config, read_jsonl, wait_for
 
+# Real OS processes, gRPC over sockets: minutes on 2 cores (`pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 ROUNDS = 3
 SILOS = ("silo-1", "silo-2")
 SECTIONS = {

@@ -15,6 +15,9 @@ import pytest
 
 from tests.conftest import free_port, read_jsonl, wait_for
 
+# Real OS processes, gRPC over sockets: minutes on 2 cores (`pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
+
 NS = f"lssfl-t{os.getpid()}"
 HOST_IF, NS_IF = f"lsv{os.getpid() % 100000}a", f"lsv{os.getpid() % 100000}b"
 HOST_IP, NS_IP = "169.254.201.1", "169.254.201.2"
