@@ -1,0 +1,1 @@
+"""What both roles share: wire format, codecs, config, data, models, security."""

@@ -87,6 +87,7 @@ class CodecSpec:
 
     @property
     def name(self) -> str:
+        """The codec's canonical text, e.g. ``topk0.01+int8+zstd``."""
         parts = [] if self.topk is None else [f"topk{self.topk!r}"]
         parts.append(self.values)
         if self.lossless is not None:
@@ -486,12 +487,14 @@ def layout_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, .
 
 
 def encode_state(state: Mapping[str, torch.Tensor], spec: CodecSpec) -> dict[str, bytes]:
+    """Every tensor of ``state`` encoded with ``spec``."""
     return {name: encode_tensor(t, spec) for name, t in state.items()}
 
 
 def decode_state(
     payloads: Mapping[str, bytes], spec: CodecSpec, layout: Layout
 ) -> dict[str, torch.Tensor]:
+    """Tensors from ``encode_state``'s payloads, each checked against its ``layout``."""
     if set(payloads) != set(layout):
         raise CodecError("payload names do not match the expected tensors")
     return {name: decode_tensor(payloads[name], spec, *layout[name]) for name in layout}
@@ -508,9 +511,11 @@ class ErrorFeedback:
         self._residual: dict[str, torch.Tensor] = {}
 
     def residual(self, name: str) -> torch.Tensor | None:
+        """What a lossy codec dropped from tensor ``name`` last time, or None."""
         return self._residual.get(name)
 
     def compress(self, update: Mapping[str, torch.Tensor], spec: CodecSpec) -> dict[str, bytes]:
+        """Encode ``update`` plus the carried residuals; keep what the codec drops now."""
         payloads: dict[str, bytes] = {}
         residual: dict[str, torch.Tensor] = {}
         for name, u in update.items():

@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunSection:
+    """``run``: the run's name, seed, number of rounds and output folder."""
+
     name: str = "run"
     seed: int = 0
     rounds: int = 3
@@ -30,13 +32,16 @@ class RunSection:
 
 @dataclass
 class CoordinatorSection:
+    """``coordinator``: where it listens, how many silos a round needs, deadlines."""
+
     host: str = "127.0.0.1"
     port: int = 0
     min_silos: int = 1
     round_deadline_s: float = 300.0
     join_timeout_s: float = 120.0
     heartbeat_interval_s: float = 2.0
-    # Keep every decoded upload on disk (rounds/NNNN/SILO.safetensors), for audits and tests.
+    # Keep every decoded upload on disk (uploads/round-NNNN/SILO.safetensors), for audits and
+    # tests.
     save_uploads: bool = False
     max_upload_mb: float = 2048.0
     # Ask k + m live silos each round and aggregate the first k results (None: every live
@@ -47,6 +52,8 @@ class CoordinatorSection:
 
 @dataclass
 class DataSection:
+    """``data``: where the silos' data comes from."""
+
     # "embedded": the bundled digits, generated under `root` on first use.
     # "folders": `root/<silo-id>/` and `root/test/` prepared by the user.
     kind: str = "embedded"
@@ -57,6 +64,8 @@ class DataSection:
 
 @dataclass
 class ModelSection:
+    """``model``: the architecture and its initial weights."""
+
     name: str = "cnn"
     kwargs: dict[str, Any] = field(default_factory=dict)
     # "pretrain": train on the embedded public split (cached); "random": seeded init;
@@ -69,6 +78,8 @@ class ModelSection:
 
 @dataclass
 class CompressionSection:
+    """``compression``: the codec of each direction."""
+
     # Codecs (lssfl.common.codecs): fp32, fp16, bf16, int8, topk<fraction>+<values>, each
     # optionally +zstd or +zlib. Lossy uplinks send the update (local - received model).
     uplink: str = "fp32"
@@ -79,6 +90,8 @@ class CompressionSection:
 
 @dataclass
 class SecuritySection:
+    """``security``: TLS, client certificates, bearer tokens, revoked silos."""
+
     # Folder with ca.pem, coordinator.pem/.key, tokens.json and per-silo files, as written by
     # `lssfl certs`. `lssfl run` creates it when missing.
     dir: str | None = None
@@ -90,6 +103,8 @@ class SecuritySection:
 
 @dataclass
 class RunConfig:
+    """One run's whole configuration, as read from its YAML file."""
+
     run: RunSection = field(default_factory=RunSection)
     silos: list[str] = field(default_factory=list)
     coordinator: CoordinatorSection = field(default_factory=CoordinatorSection)
@@ -102,6 +117,7 @@ class RunConfig:
 
     @property
     def model_spec(self) -> dict[str, Any]:
+        """The model section as ``build_model`` takes it: ``{name, **kwargs}``."""
         return {"name": self.model.name, **self.model.kwargs}
 
 
@@ -201,6 +217,7 @@ def _check(cfg: RunConfig) -> None:
 
 
 def parse_config(data: Any, source: str = "<dict>") -> RunConfig:
+    """A checked RunConfig from parsed YAML; ConfigError, one line naming the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     try:
@@ -218,6 +235,7 @@ def parse_config(data: Any, source: str = "<dict>") -> RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """``parse_config`` of a YAML file; ConfigError when unreadable or invalid."""
     path = Path(path)
     try:
         text = path.read_text()

@@ -11,6 +11,8 @@ from lssfl.common.data import materialize_embedded
 
 @dataclass
 class DataRoot:
+    """Where a run's data lies: one split folder per silo, the test split, the public split."""
+
     silo_dirs: dict[str, Path]
     test_dir: Path
     pretrain_dir: Path | None

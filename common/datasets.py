@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from lssfl.common.splits import DataError
 
-Split = Literal["train", "test"]
+# A published dataset's own train or test part (not a split folder, lssfl.common.splits.Split).
+DatasetPart = Literal["train", "test"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 # Per-channel statistics the torchvision ImageNet weights were trained with.
@@ -163,7 +164,7 @@ def _require_files(what: str, root: Path, paths: list[Path], download: bool) -> 
             )
 
 
-def _read_mnist(folder: str, root: Path, split: Split, download: bool) -> _Raw:
+def _read_mnist(folder: str, root: Path, split: DatasetPart, download: bool) -> _Raw:
     from torchvision import datasets
 
     cls = {"MNIST": datasets.MNIST, "FashionMNIST": datasets.FashionMNIST}[folder]
@@ -201,7 +202,7 @@ def _gunzip_if_needed(path: Path) -> None:
         raise DataError(f"{gz}: cannot unpack to {path}: {_one_line(exc)}") from None
 
 
-def _read_cifar10(root: Path, split: Split, download: bool) -> _Raw:
+def _read_cifar10(root: Path, split: DatasetPart, download: bool) -> _Raw:
     from torchvision import datasets
     from torchvision.datasets import cifar
 
@@ -243,7 +244,7 @@ def _check_md5s(
             )
 
 
-def _read_svhn(root: Path, split: Split, download: bool) -> _Raw:
+def _read_svhn(root: Path, split: DatasetPart, download: bool) -> _Raw:
     try:
         import scipy.io  # noqa: F401  (torchvision reads the .mat files with it)
     except ImportError:
@@ -262,7 +263,7 @@ def _read_svhn(root: Path, split: Split, download: bool) -> _Raw:
     return _Raw(images, torch.from_numpy(ds.labels).long(), list(DIGIT_CLASSES))
 
 
-def _read_usps(root: Path, split: Split, download: bool) -> _Raw:
+def _read_usps(root: Path, split: DatasetPart, download: bool) -> _Raw:
     from torchvision import datasets
 
     filename = datasets.USPS.split_list[split][1]
@@ -292,7 +293,7 @@ def _images_in(folder: Path) -> list[Path]:
     )
 
 
-def _split_base(root: Path, split: Split, layout: str) -> Path:
+def _split_base(root: Path, split: DatasetPart, layout: str) -> Path:
     if not root.is_dir():
         raise DataError(f"image folder not found: {root} (expected {layout})")
     if has_test_split("imagefolder", root):
@@ -305,7 +306,9 @@ def _split_base(root: Path, split: Split, layout: str) -> Path:
     return root
 
 
-def _read_image_folder(root: Path, split: Split, image_size: int | None, channels: int) -> _Raw:
+def _read_image_folder(
+    root: Path, split: DatasetPart, image_size: int | None, channels: int
+) -> _Raw:
     layout = "ROOT/<class>/*.png|jpg"
     base = _split_base(root, split, layout)
     class_dirs = _subdirs(base)
@@ -320,7 +323,9 @@ def _read_image_folder(root: Path, split: Split, image_size: int | None, channel
     return _Raw(images, labels, [d.name for d in class_dirs])
 
 
-def _read_domain_folder(root: Path, split: Split, image_size: int | None, channels: int) -> _Raw:
+def _read_domain_folder(
+    root: Path, split: DatasetPart, image_size: int | None, channels: int
+) -> _Raw:
     layout = "ROOT/<domain>/<class>/*.png|jpg"
     base = _split_base(root, split, layout)
     domain_dirs = _subdirs(base)
@@ -427,7 +432,7 @@ def _check_labels(what: str, raw: _Raw) -> None:
 def load_dataset(
     name: str,
     root: Path,
-    split: Split = "train",
+    split: DatasetPart = "train",
     image_size: int | None = None,
     channels: int | None = None,
     download: bool = False,
@@ -451,7 +456,7 @@ def load_dataset(
     else:
         if not download and not root.is_dir():
             raise DataError(f"{name}: dataset root {root} does not exist")
-        readers: dict[str, Callable[[Path, Split, bool], _Raw]] = {
+        readers: dict[str, Callable[[Path, DatasetPart, bool], _Raw]] = {
             "mnist": lambda r, s, d: _read_mnist("MNIST", r, s, d),
             "fashionmnist": lambda r, s, d: _read_mnist("FashionMNIST", r, s, d),
             "cifar10": _read_cifar10,

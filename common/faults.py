@@ -13,5 +13,6 @@ import signal
 
 
 def crash_point(tag: str) -> None:
+    """SIGKILL this process if ``LSSFL_CRASH_AT`` names ``tag``."""
     if os.environ.get("LSSFL_CRASH_AT") == tag:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -31,6 +31,7 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images."""
         return self.head(self.features(x))
 
 
@@ -49,6 +50,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images."""
         return self.net(x)
 
 

@@ -38,6 +38,7 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 
 def coordinator_stub(channel: grpc.Channel) -> cgrpc.CoordinatorStub:
+    """The Coordinator client on ``channel``, model streams without extra copies."""
     stub = cgrpc.CoordinatorStub(channel)
     stub.DownloadModel = channel.unary_stream(
         f"/{SERVICE}/DownloadModel",
@@ -53,6 +54,8 @@ def coordinator_stub(channel: grpc.Channel) -> cgrpc.CoordinatorStub:
 
 
 def add_coordinator_servicer(servicer: cgrpc.CoordinatorServicer, server: grpc.Server) -> None:
+    """Register ``servicer``'s methods on ``server``, model streams without extra copies."""
+
     def unary(method: Any, request: Any, reply: Any) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
             method,

@@ -27,6 +27,7 @@ TOKEN_HEADER = "authorization"
 
 
 def read_secret(path: Path, what: str) -> bytes:
+    """The bytes of credential file ``path``; ValueError naming ``what`` when unreadable."""
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -59,6 +60,7 @@ def silo_files(folder: Path, silo_id: str) -> tuple[Path, Path, Path]:
 
 
 def hash_token(token: str) -> str:
+    """The SHA-256 a token table stores instead of the token itself."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -70,6 +72,7 @@ class TokenTable:
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
+        """The table in ``path`` (written by ``lssfl certs``)."""
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -79,6 +82,7 @@ class TokenTable:
         return cls(data)
 
     def silo_for(self, token: str) -> str | None:
+        """The silo a bearer token belongs to, or None."""
         digest = hash_token(token)
         for silo, expected in self.hashes.items():
             if hmac.compare_digest(digest, expected):

@@ -261,6 +261,8 @@ def encode_model(
 
 @dataclass
 class DecodedModel:
+    """A stream's header, its tensors, and the encoded bytes they came in."""
+
     header: pb.ModelChunk
     state: dict[str, torch.Tensor]
     payload_bytes: int

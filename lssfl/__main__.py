@@ -1,3 +1,5 @@
+"""``python -m lssfl``: the ``lssfl`` command."""
+
 import sys
 
 from lssfl.cli import main

@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``lssfl`` command line; returns the exit code."""
     args = _parser().parse_args(argv)
     # Imports after parsing: `--help` answers without loading torch.
     # ConfigError, DataError, WireError and CodecError are ValueErrors: one line each, below.

@@ -70,6 +70,7 @@ def _security_args(cfg: RunConfig, silo: str) -> list[str]:
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
+    """A fresh ``<out_dir>/<name>-<time>`` folder name for a run."""
     base = Path(cfg.run.out_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, n = base, 1
     while run_dir.exists():
@@ -79,6 +80,7 @@ def new_run_dir(cfg: RunConfig) -> Path:
 
 
 def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> int:
+    """``lssfl run``: coordinator and silos as processes until the run ends; exit code."""
     run_dir = run_dir or new_run_dir(cfg)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

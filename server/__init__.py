@@ -1,0 +1,1 @@
+"""The coordinator: round state machine, gRPC service, run folder."""

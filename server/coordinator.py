@@ -59,6 +59,8 @@ class RpcError(Exception):
 
 @dataclass
 class SiloInfo:
+    """What the coordinator knows of a joined silo."""
+
     silo_id: str
     num_samples: int
     device: str
@@ -69,6 +71,8 @@ class SiloInfo:
 
 @dataclass
 class SiloResult:
+    """One silo's decoded answer to a round."""
+
     silo_id: str
     num_samples: int
     state: dict[str, torch.Tensor]
@@ -94,6 +98,8 @@ def _metered(tensors: list[WireTensor], header: pb.ModelChunk) -> Metered:
 
 
 class Coordinator:
+    """The round state machine: joins, tasks, downloads, uploads, aggregation."""
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -149,6 +155,7 @@ class Coordinator:
             )
 
     def join(self, req: cpb.JoinRequest) -> cpb.JoinReply:
+        """Enrol a configured silo (again after a restart); returns the run id."""
         if req.silo_id not in self.cfg.silos:
             log.warning("refused join from unknown silo %r", req.silo_id)
             raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {req.silo_id!r}")
@@ -192,6 +199,7 @@ class Coordinator:
         return None
 
     def get_task(self, req: cpb.TaskRequest, wait_s: float = 5.0) -> cpb.Task:
+        """The silo's next task: TRAIN, DONE, or WAIT after ``wait_s`` (long poll)."""
         end = time.monotonic() + wait_s
         with self._cond:
             self._touch(req.silo_id)
@@ -208,6 +216,7 @@ class Coordinator:
         return task
 
     def download(self, req: cpb.DownloadRequest) -> Iterator[bytes]:
+        """This round's model for the silo: a delta when it holds last round's."""
         with self._cond:
             info = self._touch(req.silo_id)
             self._check_run(req.run_id)
@@ -293,6 +302,7 @@ class Coordinator:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
     def heartbeat(self, req: cpb.HeartbeatRequest) -> cpb.HeartbeatReply:
+        """Note the silo alive (and its state); returns the current round."""
         with self._cond:
             info = self._touch(req.silo_id)
             self._check_run(req.run_id)
@@ -325,6 +335,7 @@ class Coordinator:
     # ------------------------------------------------------------------ driver
 
     def stop(self) -> None:
+        """Make ``run`` return soon (SIGTERM)."""
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
@@ -372,6 +383,8 @@ class Coordinator:
         return set(rng.sample(alive, min(len(alive), k + self.cfg.coordinator.over_select)))
 
     def wait_for_silos(self) -> None:
+        """Wait up to ``join_timeout_s`` for every silo; RuntimeError if fewer than
+        ``min_silos`` joined by then."""
         cc = self.cfg.coordinator
         end = time.monotonic() + cc.join_timeout_s
         with self._cond:
@@ -420,6 +433,7 @@ class Coordinator:
         self._finish()
 
     def run_round(self, round_num: int) -> None:
+        """One round: select, serve, wait for results or the deadline, aggregate, record."""
         t0 = time.monotonic()
         download = self._prepare_download(round_num)
         with self._cond:

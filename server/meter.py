@@ -13,6 +13,8 @@ DOWN, UP = "down", "up"
 
 @dataclass
 class Count:
+    """Messages and bytes of one (round, silo, direction)."""
+
     messages: int = 0
     bytes: int = 0  # serialized protobuf bytes, as handed to gRPC
     raw: int = 0  # fp32 size of the tensors carried (what an uncompressed model costs)
@@ -33,6 +35,8 @@ def message_sizes(msg: Message) -> tuple[int, int, int]:
 
 
 class Meter:
+    """Byte counts per round, silo and direction, safe across gRPC threads."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[tuple[int, str, str], Count] = defaultdict(Count)
@@ -46,6 +50,7 @@ class Meter:
         raw: int = 0,
         payload: int = 0,
     ) -> None:
+        """Count one message of ``nbytes`` serialized (``raw`` fp32, ``payload`` encoded)."""
         with self._lock:
             c = self._counts[(round_num, silo_id, direction)]
             c.messages += 1
@@ -54,10 +59,12 @@ class Meter:
             c.payload += payload
 
     def get(self, round_num: int, silo_id: str, direction: str) -> Count:
+        """A copy of the count (zeros when nothing was counted)."""
         with self._lock:
             c = self._counts.get((round_num, silo_id, direction), Count())
             return Count(c.messages, c.bytes, c.raw, c.payload)
 
     def silos(self, round_num: int) -> list[str]:
+        """The silos with any traffic in the round."""
         with self._lock:
             return sorted({s for (r, s, _) in self._counts if r == round_num})

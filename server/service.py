@@ -36,6 +36,7 @@ class Gatekeeper:
         )
 
     def check(self, context: grpc.ServicerContext, silo_id: str) -> None:
+        """Refuse (RpcError) a caller that is not ``silo_id`` or is revoked."""
         if silo_id in self.revoked:
             log.warning("refused revoked silo %r (%s)", silo_id, context.peer())
             raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"silo {silo_id!r} is revoked")
@@ -64,6 +65,8 @@ class Gatekeeper:
 
 
 class CoordinatorServicer(cgrpc.CoordinatorServicer):
+    """The Coordinator service: each RPC checked, then handed to the Coordinator."""
+
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
         self.gate = Gatekeeper(coordinator.cfg.security)
@@ -102,29 +105,35 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         return self.c.upload(header, it)
 
     def Join(self, request: cpb.JoinRequest, context: grpc.ServicerContext) -> cpb.JoinReply:
+        """A silo enrols for the run."""
         return self._answer(context, request.silo_id, self.c.join, request)
 
     def GetTask(self, request: cpb.TaskRequest, context: grpc.ServicerContext) -> cpb.Task:
+        """A silo's long poll for its next task."""
         return self._answer(context, request.silo_id, self.c.get_task, request)
 
     def DownloadModel(
         self, request: cpb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
+        """This round's model as a stream of pre-serialized chunks."""
         # Pre-serialized ModelChunk messages: the handler's serializer passes bytes through.
         yield from self._answer(context, request.silo_id, self.c.download, request)
 
     def UploadResult(
         self, request_iterator: Iterator[Message], context: grpc.ServicerContext
     ) -> cpb.UploadReply:
+        """A silo's trained model: header first (who, which round), then tensors."""
         return self._answer(context, None, self._upload, context, request_iterator)
 
     def Heartbeat(
         self, request: cpb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> cpb.HeartbeatReply:
+        """A silo's sign of life."""
         return self._answer(context, request.silo_id, self.c.heartbeat, request)
 
 
 def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``security.dir``, or None when TLS is off."""
     if not security.tls:
         return None
     folder = Path(security.dir or ".")

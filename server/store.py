@@ -68,18 +68,24 @@ CREATE TABLE IF NOT EXISTS silos (
 
 
 class StoreError(RuntimeError):
+    """The run folder is inconsistent (e.g. a checkpoint that fails its digest)."""
+
     pass
 
 
 def state_bytes(state: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
+    """A state dict as safetensors bytes (CPU, contiguous), with ``meta``."""
     return st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write a state dict atomically as a safetensors file."""
     atomic_write(path, state_bytes(state))
 
 
 class RoundStore:
+    """The run folder: run identity and rounds in SQLite, models in safetensors."""
+
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -91,17 +97,20 @@ class RoundStore:
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
+        """Close the database."""
         with self._lock:
             self._db.close()
 
     # -------------------------------------------------------------- run identity
 
     def get(self, key: str) -> str | None:
+        """A run value (``identity``, ``run_id``, ``round``, ``phase``), or None."""
         with self._lock:
             row = self._db.execute("SELECT value FROM run WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, **values: Any) -> None:
+        """Set run values."""
         with self._lock, self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)",
@@ -109,11 +118,13 @@ class RoundStore:
             )
 
     def save_config(self, text: str) -> None:
+        """Write config.yaml, the effective config."""
         atomic_write(self.run_dir / "config.yaml", text.encode())
 
     # -------------------------------------------------------------- rounds
 
     def checkpoint_path(self, round_num: int) -> Path:
+        """Where the global model after ``round_num`` is kept."""
         return self.run_dir / "checkpoints" / f"round-{round_num:04d}.safetensors"
 
     def commit_round(self, state: dict[str, torch.Tensor], record: RoundRecord) -> None:
@@ -179,9 +190,11 @@ class RoundStore:
         atomic_write(self.metrics_path, text.encode())
 
     def set_phase(self, round_num: int, phase: str) -> None:
+        """Record the current round and its phase (train, aggregate, done)."""
         self.put(round=round_num, phase=phase)
 
     def set_silo(self, silo_id: str, status: str, num_samples: int = 0, device: str = "") -> None:
+        """Record a silo's status, sample count and device."""
         with self._lock, self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO silos VALUES (?,?,?,?,?)",
@@ -191,10 +204,12 @@ class RoundStore:
     # -------------------------------------------------------------- files
 
     def save_upload(self, round_num: int, silo_id: str, state: dict[str, torch.Tensor]) -> None:
+        """Keep a decoded upload under uploads/round-NNNN/ (``save_uploads``)."""
         folder = self.run_dir / "uploads" / f"round-{round_num:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         save_state(folder / f"{silo_id}.safetensors", state)
 
     def save_final(self, state: dict[str, torch.Tensor], model_spec: dict[str, Any]) -> None:
+        """Write final_model.safetensors and model.json."""
         save_state(self.run_dir / "final_model.safetensors", state)
         atomic_write(self.run_dir / "model.json", json.dumps(model_spec, indent=2).encode())

@@ -1,0 +1,1 @@
+"""The silo daemon: dials out to the coordinator, trains locally, uploads."""

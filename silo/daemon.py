@@ -59,6 +59,8 @@ class SiloRefused(RuntimeError):
 
 
 class CoordinatorUnreachable(RuntimeError):
+    """The coordinator did not answer within the silo's ``max_wait``."""
+
     pass
 
 
@@ -67,6 +69,7 @@ class _Rejoin(Exception):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device`` (auto: CUDA when available)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -76,6 +79,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 class SiloDaemon:
+    """One silo: joins, polls for tasks, trains its private data, uploads."""
+
     def __init__(
         self,
         coordinator: str,
@@ -155,6 +160,7 @@ class SiloDaemon:
                 delay = min(delay * 2, 10.0)
 
     def join(self) -> None:
+        """Join the run (retrying while the coordinator is unreachable)."""
         reply = self._retry(
             "join",
             lambda: self._stub.Join(
@@ -260,6 +266,7 @@ class SiloDaemon:
         return received
 
     def train_round(self, task: cpb.Task) -> None:
+        """Download the round's model, train it locally, upload the result."""
         r = self.round = task.round
         t0 = time.monotonic()
         self.state = "downloading"

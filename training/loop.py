@@ -24,6 +24,7 @@ def batches(
 def make_optimizer(
     name: str, params: Any, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
+    """Adam or SGD over ``params``; ValueError for another name."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

@@ -145,6 +145,7 @@ def _silos_html(run: Run) -> str:
 
 
 def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, target_note) -> str:
+    """report.html's text: summary, plots, per-round and per-silo tables."""
     now = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [
         "<!doctype html>",

@@ -73,6 +73,7 @@ def _acc_limits(ax, runs: Sequence[Run], target: float | None) -> None:
 
 
 def plot_accuracy(runs: Sequence[Run], path: Path, target=None, target_note="") -> Path:
+    """Accuracy per round, one line per run, with the target accuracy if any."""
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
     flagged = False
@@ -92,6 +93,7 @@ def plot_accuracy(runs: Sequence[Run], path: Path, target=None, target_note="") 
 
 
 def plot_accuracy_vs_mb(runs: Sequence[Run], path: Path, target=None, target_note="") -> Path:
+    """Accuracy against cumulative MB (down + up), one line per run."""
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
     flagged = False
@@ -172,6 +174,7 @@ def _bytes_heatmap(runs: Sequence[Run], silos: list[str], path: Path) -> Path:
 
 
 def plot_bytes_per_silo(runs: Sequence[Run], path: Path) -> Path:
+    """MB per silo per round: bars, or a heat map when there are many."""
     from matplotlib.patches import Patch
 
     silos = sorted({s for run in runs for s in run.silo_ids()}, key=natural_key)
@@ -235,6 +238,7 @@ def _silo_colors(n: int) -> list[tuple[float, float, float, float]]:
 
 
 def plot_time(runs: Sequence[Run], path: Path) -> Path:
+    """Each round's wall time split into training and the rest."""
     fig = _figure(8, 1.2 + 2.7 * len(runs))
     axes = fig.subplots(len(runs), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
     for ax, run in zip(axes, runs, strict=True):
@@ -265,6 +269,7 @@ def plot_time(runs: Sequence[Run], path: Path) -> Path:
 
 
 def write_plots(runs: Sequence[Run], out_dir: Path, target=None, target_note="") -> list[Path]:
+    """Write the four PLOTS into ``out_dir``; returns their paths."""
     names = [name for name, _ in PLOTS]
     return [
         plot_accuracy(runs, out_dir / names[0], target, target_note),

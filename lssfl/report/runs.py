@@ -36,6 +36,7 @@ SILO_NUMBERS = tuple(f.name for f in dataclasses.fields(SiloRound) if f.type in 
 
 
 def is_num(v: Any) -> TypeGuard[int | float]:
+    """A JSON number (not a bool)."""
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
@@ -100,6 +101,7 @@ def read_metrics(run_dir: Path, *, strict: bool = False) -> list[dict[str, Any]]
 
 
 def num(d: dict[str, Any], key: str) -> float:
+    """``d[key]`` as a float; 0 when absent or not a number."""
     v = d.get(key)
     return float(v) if is_num(v) else 0.0
 
@@ -122,6 +124,7 @@ def train_seconds(rec: dict[str, Any]) -> float | None:
 
 
 def comm_seconds(rec: dict[str, Any]) -> float:
+    """The round's wall time not spent in the slowest silo's training."""
     return max(0.0, num(rec, "wall_seconds") - (train_seconds(rec) or 0.0))
 
 
@@ -130,6 +133,8 @@ def comm_seconds(rec: dict[str, Any]) -> float:
 
 @dataclass
 class Run:
+    """One run folder's rounds, with the label and colour it gets in a report."""
+
     path: Path
     records: list[dict[str, Any]]  # one per round, sorted, unique
     label: str = ""
@@ -137,23 +142,28 @@ class Run:
 
     @property
     def name(self) -> str:
+        """The run folder's name."""
         return self.path.name or self.path.resolve().name
 
     @property
     def algorithm(self) -> str:
+        """The trainer the run used (the last round's), or '?'."""
         algos = [r["algorithm"] for r in self.records if r.get("algorithm")]
         return str(algos[-1]) if algos else "?"
 
     @property
     def rounds(self) -> list[int]:
+        """Round numbers, in order."""
         return [r["round"] for r in self.records]
 
     @property
     def accuracy(self) -> list[float]:
+        """Global accuracy per round (NaN where not recorded)."""
         return [_accuracy(r) for r in self.records]
 
     @property
     def cumulative_mb(self) -> list[float]:
+        """MB exchanged up to and including each round, down + up."""
         out, total = [], 0.0
         for r in self.records:
             total += _mb(r)
@@ -166,6 +176,7 @@ class Run:
         return [r for r in self.records if r["round"] > 0]
 
     def silo_ids(self) -> list[str]:
+        """Every silo that appears in any round, in natural order."""
         ids: set[str] = set()
         for r in self.records:
             ids.update(str(s.get("silo_id")) for s in r.get("silos", []))
@@ -173,6 +184,7 @@ class Run:
 
 
 def unique_sorted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per round, sorted by round."""
     by_round = {r["round"]: r for r in records}  # a repeated round: the later line wins
     return [by_round[k] for k in sorted(by_round)]
 
@@ -189,6 +201,7 @@ def load_run(run_dir: Path) -> Run:
 
 
 def label_runs(runs: list[Run]) -> None:
+    """Give each run a distinct label and a colour, in order."""
     seen: dict[str, int] = {}
     for i, run in enumerate(runs):
         label = f"{run.algorithm} ({run.name})"
@@ -199,6 +212,8 @@ def label_runs(runs: list[Run]) -> None:
 
 @dataclass
 class Summary:
+    """A run's headline figures: accuracy, MB, time, and MB to the target accuracy."""
+
     label: str
     algorithm: str
     run: str
@@ -220,6 +235,7 @@ class Summary:
 
 
 def summarize(run: Run, target: float | None = None) -> Summary:
+    """The run's Summary; ``target`` adds when (MB, round) it was first reached."""
     acc = run.accuracy
     valid = [(a, r) for a, r in zip(acc, run.rounds, strict=True) if not math.isnan(a)]
     best, best_round = max(valid, key=lambda t: (t[0], -t[1])) if valid else (math.nan, 0)

@@ -15,10 +15,12 @@ COLUMNS = ("round", "accuracy", "loss", "MB down", "MB up", "seconds", "silos", 
 
 
 def fmt(v: Any, spec: str) -> str:
+    """``v`` formatted with ``spec``, or '-' when not a number."""
     return format(v, spec) if is_num(v) and not math.isnan(v) else "-"
 
 
 def row(rec: dict[str, Any]) -> tuple[str, ...]:
+    """A round's cells in COLUMNS order, as text."""
     return (
         str(rec["round"]),
         fmt(rec.get("global_accuracy"), ".4f"),
@@ -32,6 +34,7 @@ def row(rec: dict[str, Any]) -> tuple[str, ...]:
 
 
 def format_line(cells: tuple[str, ...]) -> str:
+    """The cells as one aligned console line."""
     widths = (5, 8, 8, 9, 9, 8, 5, 0)
     return "  ".join(c.rjust(w) if w else c for c, w in zip(cells, widths, strict=True))
 
