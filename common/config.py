@@ -58,7 +58,9 @@ class DataSection:
     # "folders": `root/<silo-id>/` and `root/test/` prepared by the user.
     kind: str = "embedded"
     root: str = "data/embedded"
-    alpha: float | None = None  # Dirichlet label skew of the embedded data; None: natural
+    # Label skew of the embedded data: each class dealt over the silos in Dirichlet(alpha)
+    # shares (lssfl.common.dirichlet; smaller = more skew). None: an even deal.
+    alpha: float | None = None
     seed: int = 0  # the embedded data's split; fixed across run seeds on purpose
 
 

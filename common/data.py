@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 # The generator's names for the project's one seed derivation and one JSON writer.
+from lssfl.common.dirichlet import MIN_SILO_SAMPLES, dirichlet_split
 from lssfl.common.seeding import seed_of as _derive_seed
 from lssfl.common.splits import (
     DATA_FILE,
@@ -45,8 +46,6 @@ DOMAINS: tuple[str, ...] = ("original", "inverted", "rotated", "colored", "noisy
 
 PRETRAIN_FRACTION = 0.15
 TEST_FRACTION = 0.20
-# Floor on a silo's size under heavy label skew, so that no silo trains on (almost) nothing.
-MIN_SILO_SAMPLES = 10
 NOISE_STD = 0.35
 # Colours of the "colored" domain: a warm background with a dark blue stroke, so that the
 # channels no longer share one intensity and the background is bright instead of black.
@@ -136,17 +135,6 @@ def shift_images(x: torch.Tensor, max_shift: int, seed: int) -> torch.Tensor:
     )
 
 
-def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts summing to ``total`` as close as possible to ``weights`` shares."""
-    share = weights / weights.sum() * total
-    counts = np.floor(share).astype(np.int64)
-    short = total - int(counts.sum())
-    if short > 0:
-        order = np.argsort(-(share - counts), kind="stable")
-        counts[order[:short]] += 1
-    return counts
-
-
 def _partition_pool(
     pool: np.ndarray,
     labels: np.ndarray,
@@ -154,28 +142,12 @@ def _partition_pool(
     alpha: float | None,
     rng: np.random.Generator,
 ) -> list[np.ndarray]:
-    """Deal the (already shuffled) ``pool`` of digit indices out to silos, disjointly."""
+    """Deal the (already shuffled) ``pool`` of digit indices out to silos, disjointly: in
+    even parts, or with ``alpha`` each class in Dirichlet(alpha) shares over the silos
+    (``lssfl.common.dirichlet``, the same partitioner as ``lssfl partition``)."""
     if alpha is None:
         return [np.sort(part) for part in np.array_split(pool, num_silos)]
-    # Silo i's class proportions p_i ~ Dir(alpha); each class's pool samples are dealt to the
-    # silos in proportion to p_i[c], so a silo's class mix follows its p_i (classes are
-    # near-balanced in the digits) while every sample is used exactly once.
-    props = rng.dirichlet(np.full(NUM_CLASSES, alpha), size=num_silos)
-    props = np.nan_to_num(props, nan=0.0) + 1e-12  # tiny alphas can underflow to all-zero
-    parts: list[list[int]] = [[] for _ in range(num_silos)]
-    pool_labels = labels[pool]
-    for c in range(NUM_CLASSES):
-        members = pool[pool_labels == c]
-        counts = largest_remainder(props[:, c], len(members))
-        for silo, chunk in enumerate(np.split(members, np.cumsum(counts)[:-1])):
-            parts[silo].extend(chunk.tolist())
-    # Top up starved silos from the largest one so every silo can still train.
-    for silo in range(num_silos):
-        while len(parts[silo]) < MIN_SILO_SAMPLES:
-            donor = max(range(num_silos), key=lambda s: len(parts[s]))
-            take = int(rng.integers(len(parts[donor])))
-            parts[silo].append(parts[donor].pop(take))
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    return [np.sort(pool[part]) for part in dirichlet_split(labels[pool], num_silos, alpha, rng)]
 
 
 def _split_indices(
@@ -212,6 +184,9 @@ def _manifest(num_silos: int, alpha: float | None, seed: int) -> dict[str, Any]:
         "noise_std": NOISE_STD,
         "pretrain_copies": PRETRAIN_COPIES,
         "max_shift": MAX_SHIFT,
+        # Skewed layouts written before alpha meant per-class shares over silos are rewritten;
+        # the natural layout (alpha None) keeps its cache.
+        **({"skew": "dirichlet-per-class"} if alpha is not None else {}),
     }
 
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lssfl.common.dirichlet import check_alpha, check_counts, dirichlet_split
 from lssfl.common.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -36,12 +36,6 @@ SCHEMES = ("dirichlet", "iid", "domain")
 # lssfl.common.datasets.DATASETS, repeated so that `--help` need not import torch.
 DATASET_NAMES = ("mnist", "fashionmnist", "cifar10", "svhn", "usps", "imagefolder", "domainfolder")
 SUMMARY_FILE = "partition.json"
-# Floor on a silo's size under heavy label skew, so no silo trains on (almost) nothing;
-# the same floor as the embedded dataset (lssfl.common.data.MIN_SILO_SAMPLES).
-MIN_SILO_SAMPLES = 10
-# Redraws of the Dirichlet shares before topping starved silos up by hand: redrawing keeps
-# the drawn distribution exact, topping up distorts it a little, so it is the last resort.
-DIRICHLET_RETRIES = 100
 # Above this many classes the printed table shows a count of classes present instead of one
 # column per class (partition.json always has the full counts).
 MAX_CLASS_COLUMNS = 20
@@ -57,55 +51,10 @@ EPILOG = """examples:
 # --------------------------------------------------------------------------- index splitting
 
 
-def min_silo_samples(num_samples: int, num_silos: int) -> int:
-    """The per-silo floor: MIN_SILO_SAMPLES, or an equal share when data is that scarce."""
-    return max(1, min(MIN_SILO_SAMPLES, num_samples // num_silos))
-
-
-def _check_counts(num_samples: int, num_silos: int) -> None:
-    if not isinstance(num_silos, int) or num_silos < 1:
-        raise ValueError(f"--silos must be a positive integer, got {num_silos!r}")
-    if num_samples < num_silos:
-        raise ValueError(f"{num_samples} training samples cannot fill {num_silos} silos")
-
-
 def iid_split(num_samples: int, num_silos: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A random deal of ``range(num_samples)`` into ``num_silos`` near-equal sorted parts."""
-    _check_counts(num_samples, num_silos)
+    check_counts(num_samples, num_silos)
     return [np.sort(p) for p in np.array_split(rng.permutation(num_samples), num_silos)]
-
-
-def dirichlet_split(
-    labels: np.ndarray, num_silos: int, alpha: float, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Label-skewed disjoint parts covering every index of ``labels``.
-
-    Each class's samples are dealt to silos in Dirichlet(alpha) shares (Hsu et al., 2019).
-    Draws leaving a silo under :func:`min_silo_samples` are redrawn; if that keeps failing
-    (tiny alpha, many silos), starved silos take random samples from the largest one.
-    """
-    from lssfl.common.data import largest_remainder
-
-    _check_counts(len(labels), num_silos)
-    check_alpha(alpha)
-    floor = min_silo_samples(len(labels), num_silos)
-    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    for _ in range(DIRICHLET_RETRIES):
-        parts: list[list[int]] = [[] for _ in range(num_silos)]
-        for members in by_class:
-            shares = rng.dirichlet(np.full(num_silos, alpha))
-            # Tiny alphas can underflow to all zeros (then NaN); fall back to one winner.
-            shares = np.nan_to_num(shares, nan=0.0) + 1e-12
-            counts = largest_remainder(shares, len(members))
-            for silo, chunk in enumerate(np.split(members, np.cumsum(counts)[:-1])):
-                parts[silo].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= floor:
-            break
-    for silo in range(num_silos):
-        while len(parts[silo]) < floor:
-            donor = max(range(num_silos), key=lambda s: len(parts[s]))
-            parts[silo].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
 def domain_split(domains: np.ndarray, domain_names: list[str], num_silos: int) -> list[np.ndarray]:
@@ -129,14 +78,6 @@ def holdout_split(
     test = np.sort(np.concatenate(held)).astype(np.int64)
     rest = np.setdiff1d(np.arange(len(groups)), test).astype(np.int64)
     return rest, test
-
-
-def check_alpha(alpha: float) -> None:
-    """ValueError unless ``alpha`` is a finite positive number."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise ValueError(f"--alpha must be a positive number, got {alpha!r}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"--alpha must be a positive number, got {alpha!r}")
 
 
 def check_test_fraction(fraction: float) -> None:
@@ -243,7 +184,7 @@ def partition_dataset(
 
     if scheme not in SCHEMES:
         raise ValueError(f"--scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
-    check_alpha(alpha)
+    check_alpha(alpha, "--alpha")
     check_test_fraction(test_fraction)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {seed!r}")

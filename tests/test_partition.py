@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from lssfl.common.datasets import DATASETS
+from lssfl.common.dirichlet import MIN_SILO_SAMPLES, dirichlet_split
 from lssfl.common.splits import DATA_FILE, META_FILE, DataError, load_split
 from lssfl.partition import (
     DATASET_NAMES,
-    MIN_SILO_SAMPLES,
     SUMMARY_FILE,
-    dirichlet_split,
     format_summary,
     iid_split,
     parse_args,
