@@ -5,10 +5,13 @@ import pytest
 import torch
 
 from lssfl.common.config import parse_config
+from lssfl.common.rpc import coordinator_stub
 from lssfl.common.security import CA_CERT, channel_credentials, make_certs, silo_files
 from lssfl.common.splits import save_split
+from lssfl.common.wire import encode_model
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
+from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.service import serve
 from lssfl.server.store import RoundStore
@@ -84,6 +87,35 @@ def test_tokens_are_checked_on_every_call(tmp_path, certs, caplog):
         server.stop(0).wait()
     assert "refused call without a token for silo 'silo-1'" in caplog.text
     assert "refused revoked silo 'silo-3'" in caplog.text
+
+
+def test_an_upload_is_checked_against_the_silo_its_header_names(tmp_path, certs, caplog):
+    folder, _ = certs
+    server, port = _server(tmp_path, folder, tls=True, tokens=True, revoked=["silo-3"])
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(folder / CA_CERT))
+
+    def upload(header_silo, token_silo):
+        token = silo_files(folder, token_silo)[2].read_text().strip()
+        header = pb.ModelChunk(upload=pb.UploadHeader(silo_id=header_silo, round=1))
+        return coordinator_stub(channel).UploadResult(
+            iter(list(encode_model({"w": torch.ones(2)}, header))),
+            timeout=5,
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+
+    try:
+        # silo-1's token, an upload claiming to be silo-2's: refused before the coordinator.
+        code, details = _refused(lambda: upload("silo-2", "silo-1"))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "not valid for silo 'silo-2'" in details
+        code, details = _refused(lambda: upload("silo-3", "silo-3"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details
+        # Its own token passes the check and reaches the coordinator (which has not seen it).
+        code, details = _refused(lambda: upload("silo-1", "silo-1"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "must join first" in details
+    finally:
+        channel.close()
+        server.stop(0).wait()
+    assert "refused wrong token for silo 'silo-2'" in caplog.text
 
 
 def test_mutual_tls_needs_a_certificate_from_our_ca_issued_to_the_silo(tmp_path, certs):
