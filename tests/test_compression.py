@@ -13,6 +13,7 @@ from tests.conftest import read_jsonl, run_lssfl
 from tests.test_service import Harness
 
 
+@pytest.mark.slow  # coordinator and silos as OS processes
 @pytest.mark.parametrize(
     "uplink, limit", [("int8", 0.27), ("topk0.01+int8+zstd", 0.05)]
 )  # fmt: skip

@@ -139,6 +139,7 @@ def test_mutual_tls_needs_a_certificate_from_our_ca_issued_to_the_silo(tmp_path,
         server.stop(0).wait()
 
 
+@pytest.mark.slow  # lssfl processes
 def test_lssfl_run_with_tls_and_tokens_end_to_end(tmp_path, write_config):
     config = write_config(
         silos=["silo-1", "silo-2"],
@@ -155,6 +156,7 @@ def test_lssfl_run_with_tls_and_tokens_end_to_end(tmp_path, write_config):
     assert (tmp_path / "certs" / "tokens.json").exists()
 
 
+@pytest.mark.slow  # lssfl processes
 def test_silo_credential_errors_are_one_line(tmp_path, certs):
     folder, _ = certs
     data = tmp_path / "data"
@@ -178,6 +180,7 @@ def test_health_of_an_unreachable_coordinator_is_one_line():
     assert proc.stderr.startswith("lssfl: error: 127.0.0.1:9: UNAVAILABLE")
 
 
+@pytest.mark.slow  # lssfl processes
 def test_health_check_through_mutual_tls(tmp_path, certs):
     folder, _ = certs
     server, port = _server(tmp_path, folder, tls=True, mutual_tls=True)
