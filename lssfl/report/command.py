@@ -10,6 +10,7 @@ from pathlib import Path
 from lssfl.report import write_comparison, write_report
 from lssfl.report.plots import PLOTS
 from lssfl.report.runs import load_run
+from lssfl.report.tables import comparison_lines
 
 EPILOG = """\
 examples:
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         path = write_report(dirs[0], target=target)
     else:
         path = write_comparison(dirs, out or default_out_dir(dirs), target=target)
+        print("accuracy and cumulative MB (down + up, all silos) per round:")
+        print("\n".join(comparison_lines(runs)))
     print(f"report: {path}")
     for name, _ in PLOTS:
         print(f"  plot: {path.parent / name}")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lssfl.report.plots import PLOTS
-from lssfl.report.runs import Run, Summary, comm_seconds, num, train_seconds
+from lssfl.report.runs import Run, Summary, comm_seconds, is_num, num, train_seconds
 from lssfl.report.tables import fmt
 
 CSS = """
@@ -144,6 +144,41 @@ def _silos_html(run: Run) -> str:
     return _table(head, rows, left=1, cls=lambda ri, i: "miss" if flags[ri][i] else None)
 
 
+# The LSS pool diagnostics a silo reports (lssfl.training.lss), as metrics.jsonl names them.
+POOL_KEYS = (
+    ("train_distance_to_global", "soup to received", ".2e"),
+    ("train_min_member_distance", "closest members", ".2e"),
+    ("train_reg_to_loss_grad", "reg / loss grad", ".3f"),
+)
+COLLAPSE_RMS = 1e-3  # as lssfl.training.lss.COLLAPSE_RMS; the report reads files, not trainers
+
+
+def _pool_html(run: Run) -> str | None:
+    """Per round and silo, the LSS pool diagnostics; None when the run has none (not LSS)."""
+    silos = run.silo_ids()
+    rows, flags = [], []
+    for rec in run.records:
+        by_id = {str(s.get("silo_id")): s for s in rec.get("silos", [])}
+        if not any(is_num(s.get(POOL_KEYS[1][0])) for s in by_id.values()):
+            continue
+        cells, f = [str(rec["round"])], [False]
+        for sid in silos:
+            s = by_id.get(sid, {})
+            cells.append(
+                " / ".join(
+                    fmt(s.get(k), spec) if is_num(s.get(k)) else "-" for k, _, spec in POOL_KEYS
+                )
+            )
+            closest = s.get(POOL_KEYS[1][0])
+            f.append(is_num(closest) and closest < COLLAPSE_RMS)
+        rows.append(cells)
+        flags.append(f)
+    if not rows:
+        return None
+    head = ["round", *(_e(s) for s in silos)]
+    return _table(head, rows, left=1, cls=lambda ri, i: "miss" if flags[ri][i] else None)
+
+
 def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, target_note) -> str:
     """report.html's text: summary, plots, per-round and per-silo tables."""
     now = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -206,5 +241,20 @@ def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, 
         if len(runs) > 1:
             parts.append(f"<h3>{_e(run.label)}</h3>")
         parts.append(_silos_html(run))
+    pools = [(run, _pool_html(run)) for run in runs]
+    if any(table for _, table in pools):
+        parts.append("<h2>LSS pool</h2>")
+        parts.append(
+            '<p class="note">Per silo: RMS distance of the uploaded soup to the model it '
+            "received / smallest RMS distance between two pool members / regulariser-to-loss "
+            f"gradient norm ratio. Red: the pool collapsed (closest members under "
+            f"{COLLAPSE_RMS:g}), so the soup is one model and lambda_a is too strong; a ratio "
+            "near 0 means the regulariser does nothing.</p>"
+        )
+        for run, table in pools:
+            if table:
+                if len(runs) > 1:
+                    parts.append(f"<h3>{_e(run.label)}</h3>")
+                parts.append(table)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -91,3 +91,29 @@ def write_summary_csv(runs: Sequence[Run], path: Path, target: float | None) -> 
                 fmt(s.rounds_to_target, "d") if reached else "not reached",
             ])  # fmt: skip
     return path
+
+
+def comparison_lines(runs: Sequence[Run]) -> list[str]:
+    """Accuracy and cumulative MB per round, one column per run, and each run's gain over the
+    first: what a comparison shows at a glance in a terminal."""
+    names = [r.algorithm for r in runs]
+    gains = [f"{n} - {names[0]}" for n in names[1:]]
+    widths = [max(21, len(n) + 2) for n in names] + [max(12, len(g) + 2) for g in gains]
+    head = "round" + "".join(f"{t:>{w}}" for t, w in zip(names + gains, widths, strict=True))
+    lines = [head]
+    tables = [
+        dict(zip(run.rounds, zip(run.accuracy, run.cumulative_mb, strict=True), strict=True))
+        for run in runs
+    ]
+    for rnd in sorted({r for run in runs for r in run.rounds}):
+        cells = [(t.get(rnd) or (math.nan, math.nan)) for t in tables]
+        row = f"{rnd:>5}" + "".join(
+            f"{fmt(acc, '.4f') + ' ' + fmt(mb, '7.2f') + ' MB':>{w}}"
+            for (acc, mb), w in zip(cells, widths, strict=False)
+        )
+        row += "".join(
+            f"{fmt((acc - cells[0][0]) * 100, '+.2f') + ' pts':>{w}}"
+            for (acc, _), w in zip(cells[1:], widths[len(runs) :], strict=True)
+        )
+        lines.append(row)
+    return lines
