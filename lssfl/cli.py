@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -131,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "coordinator":  # the coordinator routes core's log (server/corelog.py)
+        # gRPC core logs a failed TLS handshake raw, at info level; we say it in one line.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # Imports after parsing: `--help` answers without loading torch.
     # ConfigError, DataError, WireError and CodecError are ValueErrors: one line each, below.
     from lssfl.common.config import load_config
@@ -194,9 +199,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{silo}: {folder}")
             return 0
         if args.command == "coordinator":
-            from lssfl.server.app import run_coordinator
+            from lssfl.server.corelog import route_core_log
 
             setup_logging("coordinator", args.verbose)
+            route_core_log(logging.getLogger("lssfl.service"))  # before gRPC starts
+            from lssfl.server.app import run_coordinator
+
             run_dir = args.run_dir or Path(cfg.run.out_dir) / cfg.run.name
             return run_coordinator(cfg, run_dir, args.port)
         from lssfl.launcher import launch
@@ -266,6 +274,7 @@ def _health(
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from lssfl.common.security import channel_credentials
+    from lssfl.common.tls_errors import explain_connect_failure
 
     creds = channel_credentials(ca, cert, key)
     channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
@@ -274,6 +283,9 @@ def _health(
             health_pb2.HealthCheckRequest(service="lssfl.v1.Coordinator"), timeout=timeout
         )
     except grpc.RpcError as exc:
+        problem = explain_connect_failure(address, exc.details() or "", ca, cert, key)
+        if problem:
+            return _fail(problem)
         return _fail(f"{address}: {exc.code().name}: {exc.details()}", code=1)
     finally:
         channel.close()

@@ -160,10 +160,13 @@ def test_health_check_through_mutual_tls(tmp_path, certs):
     try:
         ok = run_lssfl("health", address, "--ca", ca, "--cert", str(cert), "--key", str(key))
         assert ok.returncode == 0 and ok.stdout.strip() == f"{address}: SERVING", ok.stderr
-        # Without a client certificate the handshake fails, and the check says so.
+        # Without a client certificate the handshake fails, and the check says what is missing.
         refused = run_lssfl("health", address, "--ca", ca, "--timeout", "3")
-        assert refused.returncode == 1
-        assert refused.stderr.startswith(f"lssfl: error: {address}: UNAVAILABLE")
+        assert refused.returncode == 2
+        assert refused.stderr == (
+            f"lssfl: error: coordinator {address} requires a client certificate (mutual TLS): "
+            "give --cert and --key\n"
+        )
         half = run_lssfl("health", address, "--ca", ca, "--cert", str(cert))
         assert half.returncode == 2 and "--cert and --key go together" in half.stderr
         nope = tmp_path / "nope.pem"
