@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imports after parsing: `--help` answers without loading torch.
     # ConfigError, DataError, WireError and CodecError are ValueErrors: one line each, below.
     from lssfl.common.config import load_config
-    from lssfl.common.logs import setup_logging
+    from lssfl.common.logs import also_log_to, setup_logging
 
     try:
         if args.command == "silo":
@@ -202,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             from lssfl.server.corelog import route_core_log
 
             setup_logging("coordinator", args.verbose)
+            run_dir = args.run_dir or Path(cfg.run.out_dir) / cfg.run.name
+            also_log_to(run_dir / "logs" / "coordinator.log")
             route_core_log(logging.getLogger("lssfl.service"))  # before gRPC starts
+            from lssfl.report import write_report
             from lssfl.server.app import run_coordinator
 
-            run_dir = args.run_dir or Path(cfg.run.out_dir) / cfg.run.name
-            return run_coordinator(cfg, run_dir, args.port)
+            code = run_coordinator(cfg, run_dir, args.port)
+            if code != 2:  # 2: the folder holds another run, left as it was
+                print(f"report: {write_report(run_dir)}", file=sys.stderr)
+            return code
         from lssfl.launcher import launch
 
         return launch(cfg, args.config, args.run_dir)

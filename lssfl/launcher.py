@@ -97,7 +97,7 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
 
     coord = _Proc(
         "coordinator",
-        ["coordinator", "--config", str(config_path), "--run-dir", str(run_dir), "--port", "0"],
+        ["coordinator", "--config", str(config_path), "--run-dir", str(run_dir)],
         logs / "coordinator.log",
         env,
     )
@@ -142,7 +142,8 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
         for p in procs[1:]:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(max(0.1, end - time.monotonic()))
-        report = write_report(run_dir)
+        # The coordinator writes the report when it ends; a crashed one leaves it to us.
+        report = run_dir / "report.html" if code == 0 else write_report(run_dir)
         print(f"report: {report}\nmetrics: {run_dir / 'metrics.jsonl'}\nlogs: {logs}/")
         return code
     except KeyboardInterrupt:

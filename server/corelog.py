@@ -21,6 +21,9 @@ import threading
 _CORE_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([\w.]+):\d+\] ?(.*)$")
 _PEER = re.compile(r"endpoint_peer_address=([^,}\s]+)")
 _FAILED = re.compile(r"CallNextHandshakerLocked: error=(?!OK)(.*)")
+# Failed handshakes (logged above, with the peer) and ports that cannot be bound (a one-line
+# error from serve()).
+_SAID_BY_US = ("ssl_transport_security.cc", "add_port.cc")
 _REASONS = {
     "WRONG_VERSION_NUMBER": "not a TLS client (a silo without --ca?)",
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": (
@@ -62,8 +65,8 @@ class CoreLogFilter:
         if source == "handshaker.cc" and failed:
             self._failure = [failed.group(1)]
             return None
-        # Core's own TLS lines say less than ours; info lines are tracer chatter.
-        self._keep = level != "I" and not source.startswith("ssl_transport_security")
+        # Info lines are tracer chatter; for these sources we log a line of our own.
+        self._keep = level != "I" and source not in _SAID_BY_US
         return line if self._keep else None
 
     def flush(self) -> None:
