@@ -33,6 +33,7 @@ EXAMPLES = {
         "  lssfl health localhost:50051 --ca certs/ca.pem --cert certs/silo-1.pem "
         "--key certs/silo-1.key"
     ),
+    "status": "example:\n  lssfl status runs/study-1",
     "silo": (
         "example:\n  lssfl silo --coordinator 10.0.0.5:50051 --silo-id silo-1 --data /data/silo-1"
     ),
@@ -123,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     hc.add_argument("--key", type=Path, help="its private key")
     hc.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
 
+    status = add("status", "Where a run stands (round, phase, silos, bytes), read-only.")
+    status.add_argument("run_dir", type=Path, help="the coordinator's run folder")
+
     from lssfl.partition import register as register_partition
     from lssfl.report import register as register_report
 
@@ -174,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             from lssfl.report import run as report_run
 
             return report_run(args)
+        if args.command == "status":
+            from lssfl.status import describe
+
+            print(describe(args.run_dir))
+            return 0
         if args.command == "health":
             return _health(args.address, args.ca, args.cert, args.key, args.timeout)
         if args.command == "certs":
