@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "silo":
             from lssfl.silo.daemon import CoordinatorUnreachable, SiloDaemon, SiloRefused
 
-            setup_logging(args.silo_id, args.verbose)
+            setup_logging("silo", args.verbose)  # each line names the silo: silo=ID
             try:
                 daemon = SiloDaemon.from_folder(
                     args.coordinator,

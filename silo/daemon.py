@@ -164,7 +164,11 @@ class SiloDaemon:
                         f"coordinator {self.address} unreachable for {waited:.0f} s ({what})"
                     ) from None
                 log.warning(
-                    "%s: coordinator unavailable (%s); retrying in %.1f s", what, code.name, delay
+                    "silo=%s %s: coordinator unavailable (%s); retrying in %.1f s",
+                    self.silo_id,
+                    what,
+                    code.name,
+                    delay,
                 )
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
