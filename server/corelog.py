@@ -87,6 +87,10 @@ def route_core_log(log: logging.Logger) -> None:
     os.environ["GRPC_TRACE"] = ",".join(
         t for t in (os.environ.get("GRPC_TRACE", ""), "handshaker") if t
     )
+    # Tracer lines are info lines, which core's default verbosity prints; `lssfl run` passes
+    # on the ERROR its own process runs with.
+    if os.environ.get("GRPC_VERBOSITY", "").upper() in ("ERROR", "NONE"):
+        del os.environ["GRPC_VERBOSITY"]
     original = os.dup(2)
     sys.stderr.flush()
     # Python writes through the original descriptor: a traceback never waits on the thread.
