@@ -38,17 +38,21 @@ def _probe(address: str, cert: Path | None, key: Path | None, timeout: float) ->
     try:
         if cert is not None and key is not None:
             ctx.load_cert_chain(cert, key)
-        with ctx.wrap_socket(raw, server_hostname=host.strip("[]")) as tls:
-            tls.settimeout(timeout)
+        tls = ctx.wrap_socket(raw, server_hostname=host.strip("[]"))
+    except ssl.SSLError as exc:
+        raw.close()
+        return "plaintext" if "WRONG_VERSION_NUMBER" in str(exc) else None
+    except OSError:  # no answer (a server still starting) or a reset: nothing to conclude
+        raw.close()
+        return None
+    with tls:
+        tls.settimeout(timeout)
+        try:
             # A gRPC server opens with its HTTP/2 SETTINGS; under TLS 1.3 a server that
             # wanted a client certificate closes the connection after the handshake instead.
             return "tls" if tls.recv(1) else "no-client-cert"
-    except ssl.SSLError as exc:
-        return "plaintext" if "WRONG_VERSION_NUMBER" in str(exc) else None
-    except OSError:
-        return "no-client-cert"
-    finally:
-        raw.close()
+        except OSError:
+            return None
 
 
 def explain_connect_failure(

@@ -143,6 +143,7 @@ class SiloDaemon:
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` until it answers; backoff while the coordinator is unreachable."""
         delay, since = 0.5, time.monotonic()
+        suspected: str | None = None
         while True:
             try:
                 return fn()
@@ -156,8 +157,10 @@ class SiloDaemon:
                     raise
                 if self._tls_files is not None:
                     problem = explain_connect_failure(self.address, exc.details(), *self._tls_files)
-                    if problem:
+                    # Twice in a row: a coordinator caught mid-restart does not end a silo.
+                    if problem and problem == suspected:
                         raise TlsMisconfigured(problem) from None
+                    suspected = problem
                 waited = time.monotonic() - since
                 if waited > self.max_wait_s:
                     raise CoordinatorUnreachable(
