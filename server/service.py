@@ -143,10 +143,12 @@ def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | No
 def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, int]:
     """Start the service; returns the server and the port it bound (``port=0``: any free)."""
     workers = max(16, 4 * len(coordinator.cfg.silos))
-    # No SO_REUSEPORT (gRPC's default): a second coordinator on a configured port must fail,
-    # not share the port with the first and get half of its silos.
-    options = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    # No SO_REUSEPORT: with it a second coordinator binds the same port and the kernel splits
+    # the silos' connections between the two.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+    )
     add_coordinator_servicer(CoordinatorServicer(coordinator), server)
     # The standard gRPC health service, for load balancers and container health checks.
     health_servicer = health.HealthServicer()
@@ -159,12 +161,9 @@ def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, 
             if (creds := server_credentials(coordinator.cfg.security))
             else server.add_insecure_port(f"{host}:{port}")
         )
-    except RuntimeError:  # grpc's "Failed to bind"
+    except RuntimeError:  # grpcio raises where older versions returned 0
         bound = 0
     if bound == 0:
-        raise ValueError(
-            f"cannot listen on {host}:{port}: in use, or not an address of this machine "
-            "(coordinator.host/port; port 0 takes any free port)"
-        )
+        raise OSError(f"cannot listen on {host}:{port}: the port is in use or not allowed")
     server.start()
     return server, bound
