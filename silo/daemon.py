@@ -167,10 +167,10 @@ class SiloDaemon:
                         f"coordinator {self.address} unreachable for {waited:.0f} s ({what})"
                     ) from None
                 log.warning(
-                    "silo=%s %s: coordinator unavailable (%s); retrying in %.1f s",
+                    "silo=%s %s: %s; retrying in %.1f s",
                     self.silo_id,
                     what,
-                    code.name,
+                    suspected or f"coordinator unavailable ({code.name})",
                     delay,
                 )
                 time.sleep(delay * (0.5 + random.random()))
