@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imports after parsing: `--help` answers without loading torch.
     # ConfigError, DataError, WireError and CodecError are ValueErrors: one line each, below.
     from lssfl.common.config import load_config
-    from lssfl.common.logs import also_log_to, setup_logging
+    from lssfl.common.logs import setup_logging
 
     try:
         if args.command == "silo":
@@ -212,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging("coordinator", args.verbose)
             run_dir = args.run_dir or Path(cfg.run.out_dir) / cfg.run.name
-            also_log_to(run_dir / "logs" / "coordinator.log")
             route_core_log(logging.getLogger("lssfl.service"))  # before gRPC starts
             from lssfl.report import write_report
             from lssfl.server.app import run_coordinator
