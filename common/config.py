@@ -7,6 +7,7 @@ program with one line that names the key and the expected type.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,6 +107,8 @@ class RunConfig:
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+# PyYAML follows YAML 1.1, where a float needs a dot: `lr: 1e-3` arrives as the string "1e-3".
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -132,6 +135,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
     if not ok:
         raise ConfigError(f"{key} must be {_TYPE_NAMES.get(tp, tp.__name__)}, got {value!r}")
     return value
@@ -148,7 +153,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _check(cfg: RunConfig) -> None:
     from lssfl.common.models import build_model
-    from lssfl.training.trainers import make_trainer
+    from lssfl.training.trainers import TRAINERS, make_trainer
 
     if cfg.run.rounds < 1:
         raise ConfigError("run.rounds must be at least 1")
@@ -193,12 +198,19 @@ def _check(cfg: RunConfig) -> None:
         build_model(cfg.model_spec)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+    # Trainers are dataclasses: their hyper-parameters are typed like any other key, and
+    # coerced before the trainer's own checks compare them.
+    trainer_cls = TRAINERS.get(cfg.trainer.get("name"))
+    if trainer_cls is not None:
+        hints = typing.get_type_hints(trainer_cls)
+        cfg.trainer = {
+            k: _coerce(v, hints[k], f"trainer.{k}") if k in hints else v
+            for k, v in cfg.trainer.items()
+        }
     try:
-        trainer = make_trainer(cfg.trainer)
+        make_trainer(cfg.trainer)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"trainer: {exc}") from None
-    # Trainers are dataclasses: check the hyper-parameters' types like any other key.
-    _build(type(trainer), {k: v for k, v in cfg.trainer.items() if k != "name"}, "trainer.")
 
 
 def parse_config(data: Any, source: str = "<dict>") -> RunConfig:
@@ -223,7 +235,10 @@ def load_config(path: str | Path) -> RunConfig:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        hint = (
+            " (`lssfl init` writes example configs)" if isinstance(exc, FileNotFoundError) else ""
+        )
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}{hint}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

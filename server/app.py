@@ -14,6 +14,7 @@ import yaml
 from lssfl.common.config import RunConfig, config_to_dict
 from lssfl.common.data import load_split
 from lssfl.common.dataroot import prepare_data_root
+from lssfl.common.logs import also_log_to
 from lssfl.common.models import build_model, evaluate
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.initial import initial_state
@@ -52,6 +53,8 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
         )
         return 2
     store.save_config(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    # Only now: a folder refused above is left exactly as it was.
+    also_log_to(run_dir / "logs" / "coordinator.log")
     data = prepare_data_root(cfg)
     test = load_split(data.test_dir)
     model = build_model(cfg.model_spec)

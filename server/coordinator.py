@@ -38,7 +38,7 @@ from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.aggregate import weighted_average
 from lssfl.server.meter import DOWN, UP, Meter, message_sizes
-from lssfl.server.store import RoundStore
+from lssfl.server.store import HEARTBEAT_RECORD_S, RoundStore
 
 log = logging.getLogger("lssfl.coordinator")
 
@@ -61,6 +61,7 @@ class SiloInfo:
     last_seen: float
     state: str = "idle"
     told_done: bool = False
+    recorded_at: float = 0.0  # when its row in the store last followed a heartbeat
 
 
 @dataclass
@@ -318,6 +319,11 @@ class Coordinator:
             reply = cpb.HeartbeatReply(current_round=self._round)
             self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
             self.meter.add(self._round, req.silo_id, DOWN, reply.ByteSize())
+            record = info.last_seen - info.recorded_at >= HEARTBEAT_RECORD_S
+            if record:
+                info.recorded_at = info.last_seen
+        if record:  # for `lssfl status`
+            self.store.set_silo(req.silo_id, info.state, info.num_samples, info.device)
         return reply
 
     # ------------------------------------------------------------------ driver

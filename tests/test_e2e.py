@@ -13,11 +13,17 @@ from tests.conftest import free_port, lssfl_cmd, read_jsonl, run_lssfl, wait_for
 
 
 def test_lssfl_run_three_silos_aggregate_matches_independent_average(tmp_path, write_config):
-    config = write_config(coordinator={"save_uploads": True})
+    port = free_port()
+    config = write_config(coordinator={"save_uploads": True, "port": port})
     run_dir = tmp_path / "runs" / "e2e"
     proc = run_lssfl("run", "--config", str(config), "--run-dir", str(run_dir), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "round  accuracy" in proc.stdout and "report:" in proc.stdout
+    # The configured port, not one the OS picked.
+    assert f"coordinator: 127.0.0.1:{port};" in proc.stdout
+    coordinator_log = (run_dir / "logs" / "coordinator.log").read_text()
+    assert coordinator_log.count("run finished") == 1  # its log lines are not doubled
+    assert (run_dir / "report.html").is_file() and (run_dir / "metrics.csv").is_file()
 
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -153,6 +159,14 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
     # Dead silos are not asked again: round 2 runs with the two live ones, without waiting.
     assert r2["status"] == "ok" and r2["num_results"] == 2 and r2["wall_seconds"] < deadline
     assert "silo-3" not in {s["silo_id"] for s in r2["silos"]}
+    # `lssfl coordinator` leaves a run folder as complete as `lssfl run` does.
+    csv_rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(csv_rows) == 4 and csv_rows[0].startswith("round,")
+    assert "<html" in (run_dir / "report.html").read_text()
+    assert len(list(run_dir.glob("*.png"))) >= 3
+    own_log = (run_dir / "logs" / "coordinator.log").read_text()
+    assert "round=2" in own_log and "run finished" in own_log
+    assert own_log.count("run finished") == 1
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, write_config):

@@ -6,7 +6,13 @@ import torch
 
 from lssfl.common.config import parse_config
 from lssfl.common.data import save_split
-from lssfl.common.security import CA_CERT, channel_credentials, make_certs, silo_files
+from lssfl.common.security import (
+    CA_CERT,
+    TokenTable,
+    channel_credentials,
+    make_certs,
+    silo_files,
+)
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.server.coordinator import Coordinator
@@ -154,10 +160,13 @@ def test_health_check_through_mutual_tls(tmp_path, certs):
     try:
         ok = run_lssfl("health", address, "--ca", ca, "--cert", str(cert), "--key", str(key))
         assert ok.returncode == 0 and ok.stdout.strip() == f"{address}: SERVING", ok.stderr
-        # Without a client certificate the handshake fails, and the check says so.
+        # Without a client certificate the handshake fails, and the check says what is missing.
         refused = run_lssfl("health", address, "--ca", ca, "--timeout", "3")
-        assert refused.returncode == 1
-        assert refused.stderr.startswith(f"lssfl: error: {address}: UNAVAILABLE")
+        assert refused.returncode == 2
+        assert refused.stderr == (
+            f"lssfl: error: coordinator {address} requires a client certificate (mutual TLS): "
+            "give --cert and --key\n"
+        )
         half = run_lssfl("health", address, "--ca", ca, "--cert", str(cert))
         assert half.returncode == 2 and "--cert and --key go together" in half.stderr
         nope = tmp_path / "nope.pem"
@@ -168,3 +177,61 @@ def test_health_check_through_mutual_tls(tmp_path, certs):
         )
     finally:
         server.stop(0).wait()
+
+
+def test_a_growing_consortium_keeps_old_silos_valid_and_revocation_reaches_a_live_server(
+    tmp_path,
+):
+    folder = tmp_path / "certs"
+    made = run_lssfl("certs", "--out", str(folder), "--silos", "silo-1", "silo-2")
+    assert made.returncode == 0, made.stderr
+    assert (folder / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (folder / "silo-1.token").stat().st_mode & 0o777 == 0o600
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    # Making the folder again would replace the CA and every token: refused.
+    again = run_lssfl("certs", "--out", str(folder), "--silos", "silo-1", "silo-2", "silo-3")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert "already holds a CA" in again.stderr and "--force" in again.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    added = run_lssfl("certs", "add-silo", "silo-3", "--out", str(folder))
+    assert added.returncode == 0, added.stderr
+    assert "silo-3.pem, silo-3.key, silo-3.token" in added.stdout
+    for name, content in before.items():
+        if name != "tokens.json":
+            assert (folder / name).read_bytes() == content, f"{name} changed"
+    twice = run_lssfl("certs", "add-silo", "silo-3", "--out", str(folder))
+    assert twice.returncode == 2 and "silo-3.pem already exists; --force" in twice.stderr
+
+    server, port = _server(tmp_path, folder, tls=True, mutual_tls=True, tokens=True)
+    try:
+        for silo in SILOS:  # old silos' certificates and tokens, and the new one's
+            assert _join(port, silo, folder=folder, mtls_silo=silo, token_silo=silo).run_id
+        revoked = run_lssfl("certs", "revoke", "silo-2", "--out", str(folder))
+        assert revoked.returncode == 0, revoked.stderr
+        assert (folder / "revoked.txt").read_text() == "silo-2\n"
+        # The running server refuses it from its next call on; the others carry on.
+        code, details = _refused(
+            lambda: _join(port, "silo-2", folder=folder, mtls_silo="silo-2", token_silo="silo-2")
+        )
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details
+        assert _join(port, "silo-1", folder=folder, mtls_silo="silo-1", token_silo="silo-1").run_id
+    finally:
+        server.stop(0).wait()
+    # Revoked for good: its token's hash is gone from the table a restarted coordinator reads.
+    assert "silo-2" not in TokenTable.load(folder / "tokens.json").hashes
+
+
+def test_certs_subcommands_reject_bad_input_in_one_line(tmp_path):
+    cases = [
+        (["add-silo", "silo-1", "--out", str(tmp_path / "none")], "has no ca.pem"),
+        (["revoke", "silo-1", "--out", str(tmp_path / "none")], "holds no CA"),
+        (["add-silo", "--out", str(tmp_path)], "name the silo id"),
+        (["--out", str(tmp_path)], "give the silo ids with --silos or --config"),
+        (["silo-1", "--out", str(tmp_path)], "invalid choice: 'silo-1'"),
+    ]
+    for args, message in cases:
+        proc = run_lssfl("certs", *args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "none").exists()
