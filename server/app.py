@@ -39,6 +39,7 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
             run_dir,
             "; ".join(changes[:5]),
         )
+        store.close()
         return 2
     store.save_config(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     data = prepare_data_root(cfg)
