@@ -19,24 +19,30 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
+from lssfl.common.config import parse_config
 from lssfl.common.data import load_split, materialize_embedded
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.seeding import derive_seed
 from lssfl.server.aggregate import weighted_average
-from lssfl.training.trainers import FedAvgTrainer, make_trainer
+from lssfl.server.initial import initial_state
+from lssfl.training.trainers import make_trainer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(spec: dict, seed: int, rounds: int, root: Path) -> list[float]:
     layout = materialize_embedded(root, 5, None, 0)
-    test, pre = load_split(layout.test_dir), load_split(layout.pretrain_dir)
+    test = load_split(layout.test_dir)
     silos = [load_split(layout.silo_dirs[f"silo-{i + 1}"]) for i in range(5)]
-    # As server/initial.py: seeded init, 20 epochs on the public split.
-    torch.manual_seed(derive_seed(seed, 0, "init"))
-    model = build_model({"name": "cnn", "num_classes": 10})
-    FedAvgTrainer(epochs=20, lr=1e-3).train(
-        model, pre.x, pre.y, seed=derive_seed(seed, 0, "pretrain")
-    )
+    # The start of a real run with configs/demo.yaml and this seed (cached under root).
+    base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    base["run"]["seed"] = seed
+    base["data"]["root"] = str(root)
+    cfg = parse_config(base)
+    model = build_model(cfg.model_spec)
+    model.load_state_dict(initial_state(cfg, layout.pretrain_dir))
     glob = {k: v.clone() for k, v in model.state_dict().items()}
     accs = [evaluate(model, test.x, test.y)[0]]
     for r in range(1, rounds + 1):
@@ -58,16 +64,17 @@ def main() -> None:
     parser.add_argument("specs", nargs="+", help="trainer specs as JSON")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--root", type=Path, default=None, help="data folder (kept: a cache)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    root = Path(tempfile.mkdtemp()) / "embedded"
+    root = args.root or Path(tempfile.mkdtemp()) / "embedded"
     for text in args.specs:
         spec, t0 = json.loads(text), time.monotonic()
         res = [run(spec, s, args.rounds, root) for s in args.seeds]
         mean = [statistics.fmean(a[r] for a in res) for r in range(args.rounds + 1)]
         std = [statistics.stdev(a[r] for a in res) for r in range(args.rounds + 1)]
         print(json.dumps({
-            "spec": spec, "accuracy_mean": mean, "accuracy_std": std,
+            "spec": spec, "accuracy_mean": mean, "accuracy_std": std, "per_seed": res,
             "seconds": round(time.monotonic() - t0, 1),
         }), flush=True)  # fmt: skip
 

@@ -209,6 +209,11 @@ def parse_config(data: Any, source: str = "<dict>") -> RunConfig:
         _check(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    if cfg.trainer.get("name") == "lss" and "exclude_head" not in cfg.trainer:
+        # Every init but "random" gives the model a fresh classifier head (the paper's
+        # setting), which LSS keeps out of the pool: pooled, the affinity term holds the
+        # new head near its random start.
+        cfg.trainer["exclude_head"] = cfg.model.init != "random"
     cfg.source = source
     return cfg
 

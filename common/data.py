@@ -13,8 +13,11 @@ sees half a file.
 
 The embedded dataset is the real UCI handwritten digits bundled with scikit-learn, upsampled
 to 3x16x16 and restyled into five domains (a feature shift), split once into a public
-pre-training part (original domain only), a held-out test part rendered in every domain, and
-a pool dealt out to the silos, silo ``k`` (0-based) getting domain ``DOMAINS[k % 5]``.
+pre-training part, a held-out test part, and a pool dealt out to the silos, silo ``k``
+(0-based) getting domain ``DOMAINS[k % 5]``. The public part is rendered in every domain, each
+digit also once shifted by up to a pixel (light augmentation), so that a model pre-trained on
+it is a generalist, as ImageNet weights are for the paper's silos; the test part is rendered
+in every domain too.
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ COLOR_BACKGROUND = (0.95, 0.75, 0.20)
 COLOR_FOREGROUND = (0.10, 0.15, 0.55)
 
 # Bump when the generated content changes, so that old caches are rewritten.
-GENERATOR_VERSION = "sklearn-digits/1"
+GENERATOR_VERSION = "sklearn-digits/2"
+# Copies of each public digit per domain: as is, and shifted by up to one pixel.
+PRETRAIN_COPIES = 2
+MAX_SHIFT = 1
 
 _SILO_DIR_RE = re.compile(r"^silo-(\d+)$")
 
@@ -323,6 +329,24 @@ def apply_domain(x: torch.Tensor, domain: str, seed: int = 0) -> torch.Tensor:
     raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
 
 
+def shift_images(x: torch.Tensor, max_shift: int, seed: int) -> torch.Tensor:
+    """Each image moved by a random whole number of pixels in [-max_shift, max_shift] per axis.
+
+    What leaves the frame is dropped and what enters is 0 (the digits' background).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shifts = torch.randint(-max_shift, max_shift + 1, (len(x), 2), generator=gen)
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p))
+    h, w = x.shape[2:]
+    return torch.stack(
+        [
+            padded[i, :, p - dy : p - dy + h, p - dx : p - dx + w]
+            for i, (dy, dx) in enumerate(shifts.tolist())
+        ]
+    )
+
+
 def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     """Integer counts summing to ``total`` as close as possible to ``weights`` shares."""
     share = weights / weights.sum() * total
@@ -397,6 +421,8 @@ def _manifest(num_silos: int, alpha: float | None, seed: int) -> dict[str, Any]:
         "test_fraction": TEST_FRACTION,
         "image_size": IMAGE_SIZE,
         "noise_std": NOISE_STD,
+        "pretrain_copies": PRETRAIN_COPIES,
+        "max_shift": MAX_SHIFT,
     }
 
 
@@ -502,14 +528,26 @@ def materialize_embedded(
     save_split(layout.test_dir, torch.cat(xs), y.repeat(len(DOMAINS)), meta, domain=dom)
 
     x, y = base_images(pretrain)
+    copies = [x] + [
+        shift_images(x, MAX_SHIFT, _derive_seed(seed, "pretrain-shift", c))
+        for c in range(1, PRETRAIN_COPIES)
+    ]
+    xs = [
+        apply_domain(xc, d, seed=_derive_seed(seed, "pretrain", d, c))
+        for d in DOMAINS
+        for c, xc in enumerate(copies)
+    ]
+    dom = torch.arange(len(DOMAINS)).repeat_interleave(PRETRAIN_COPIES * len(pretrain))
     meta = {
         **common,
         "split": "pretrain",
-        "domain": "original",
-        "domain_index": 0,
+        "domain": "all",
+        "domains": list(DOMAINS),
+        "copies": PRETRAIN_COPIES,
         "indices": pretrain.tolist(),
     }
-    save_split(layout.pretrain_dir, x, y, meta)
+    n = len(xs)
+    save_split(layout.pretrain_dir, torch.cat(xs), y.repeat(n), meta, domain=dom)
 
     _write_json(root / MANIFEST_FILE, expected)
     return layout

@@ -64,6 +64,24 @@ def _resnet50(num_classes: int = 10) -> nn.Module:
     return resnet50(num_classes=num_classes)
 
 
+def head_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier head: the last ``nn.Linear`` in registration order, and its name.
+
+    Registration order puts the classifier last in every model built here and in
+    torchvision's classification models.
+    """
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to serve as its head")
+    return linears[-1]
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the head's parameters, as in ``model.named_parameters()``."""
+    prefix, module = head_linear(model)
+    return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+
+
 _BUILDERS = {"cnn": SmallCNN, "mlp": MLP, "resnet18": _resnet18, "resnet50": _resnet50}
 
 

@@ -1,4 +1,9 @@
-"""The initial global model: 'pre-trained' on the embedded public split, cached on disk."""
+"""The initial global model: pre-trained on the embedded public split, cached on disk.
+
+As in the paper's setting (ImageNet weights, a new classifier for the task), the start is a
+generalist backbone with a fresh head: the model is trained on the public split, rendered in
+every domain, and then its classifier (last ``nn.Linear``) is initialised again.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from safetensors.torch import load_file
 
 from lssfl.common.config import RunConfig
 from lssfl.common.data import load_split
-from lssfl.common.models import build_model, evaluate
+from lssfl.common.models import build_model, evaluate, head_linear
 from lssfl.common.seeding import derive_seed
 from lssfl.server.store import save_state
 from lssfl.training.trainers import FedAvgTrainer
@@ -40,6 +45,7 @@ def initial_state(cfg: RunConfig, pretrain_dir: Path | None) -> dict[str, torch.
             "epochs": cfg.model.pretrain_epochs,
             "seed": cfg.run.seed,
             "data": (pretrain_dir / "meta.json").read_text(),
+            "head": "reinitialised",
         },
         sort_keys=True,
     )
@@ -56,8 +62,11 @@ def initial_state(cfg: RunConfig, pretrain_dir: Path | None) -> dict[str, torch.
     trainer = FedAvgTrainer(epochs=cfg.model.pretrain_epochs, batch_size=32, lr=1e-3)
     trainer.train(model, split.x, split.y, seed=derive_seed(cfg.run.seed, 0, "pretrain"))
     acc, _ = evaluate(model, split.x, split.y)
+    torch.manual_seed(derive_seed(cfg.run.seed, 0, "head"))
+    head_linear(model)[1].reset_parameters()
     log.info(
-        "initial model: pre-trained %d epochs on %d public samples (train accuracy %.3f)",
+        "initial model: pre-trained %d epochs on %d public samples (train accuracy %.3f), "
+        "classifier head initialised again",
         cfg.model.pretrain_epochs,
         split.num_samples,
         acc,

@@ -293,7 +293,7 @@ class SiloDaemon:
             trainer_spec.get("name"),
             self.data.num_samples,
             t2 - t1,
-            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+            " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
         )
 
         self.state = "uploading"

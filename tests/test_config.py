@@ -49,6 +49,21 @@ def test_file_errors(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize(
+    "model, trainer, expected",
+    [
+        ({"init": "pretrain"}, {"name": "lss"}, True),  # the head is replaced: not pooled
+        ({"init": "random"}, {"name": "lss"}, False),  # nothing replaced: the paper's pool
+        ({"init": "pretrain"}, {"name": "lss", "exclude_head": False}, False),  # as written
+        ({"init": "random"}, {"name": "lss", "exclude_head": True}, True),
+    ],
+)
+def test_lss_keeps_a_replaced_head_out_of_the_pool_by_default(model, trainer, expected):
+    cfg = parse_config({**BASE, "model": model, "trainer": trainer})
+    assert cfg.trainer["exclude_head"] is expected
+    assert "exclude_head" not in parse_config(BASE).trainer  # other trainers untouched
+
+
 def test_shipped_demo_config_is_valid():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
     assert len(cfg.silos) == 5 and cfg.data.kind == "embedded"

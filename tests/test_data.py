@@ -18,6 +18,7 @@ from lssfl.common.data import (
     META_FILE,
     MIN_SILO_SAMPLES,
     NUM_CLASSES,
+    PRETRAIN_COPIES,
     DataError,
     EmbeddedLayout,
     apply_domain,
@@ -26,6 +27,7 @@ from lssfl.common.data import (
     load_split,
     materialize_embedded,
     save_split,
+    shift_images,
 )
 
 NUM_DIGITS = 1797
@@ -63,7 +65,7 @@ def test_layout_shapes_dtypes_ranges(layout: EmbeddedLayout) -> None:
         meta = load_split(folder).meta
         assert meta["domain"] == DOMAINS[k % 5]
         assert load_split(folder).domain is None
-    assert load_split(layout.pretrain_dir).meta["domain"] == "original"
+    assert load_split(layout.pretrain_dir).meta["domain"] == "all"
 
 
 def test_split_sizes_and_disjointness(layout: EmbeddedLayout) -> None:
@@ -76,10 +78,19 @@ def test_split_sizes_and_disjointness(layout: EmbeddedLayout) -> None:
     assert max(sizes) - min(sizes) <= 1  # natural split deals the pool out evenly
     everything = pre + test + [i for s in silos for i in s]
     assert len(everything) == len(set(everything)) == NUM_DIGITS  # disjoint and complete
-    # The recorded indices must really be the digits stored in the files.
+    # The recorded indices must really be the digits stored in the files: the public split
+    # starts with them as they are, and holds each in every domain, once more shifted.
     x_pre, y_pre = base_images(np.asarray(pre))
     split = load_split(layout.pretrain_dir)
-    assert torch.equal(split.x, x_pre) and torch.equal(split.y, y_pre)
+    n = len(pre)
+    assert split.num_samples == n * len(DOMAINS) * PRETRAIN_COPIES
+    assert torch.equal(split.x[:n], x_pre) and torch.equal(split.y, y_pre.repeat(10))
+    assert split.domain is not None
+    assert split.domain.tolist() == [d for d in range(5) for _ in range(n * PRETRAIN_COPIES)]
+    for d, name in enumerate(DOMAINS):  # the unshifted copy of each domain is the restyled digit
+        block = split.x[d * PRETRAIN_COPIES * n : (d * PRETRAIN_COPIES + 1) * n]
+        if name != "noisy":
+            assert torch.equal(block, apply_domain(x_pre, name))
     assert load_split(layout.silo_dirs["silo-1"]).num_samples == sizes[0]
 
 
@@ -115,6 +126,18 @@ def test_domains_actually_differ(layout: EmbeddedLayout) -> None:
         for b in DOMAINS:
             if a < b:
                 assert float((by[a] - by[b]).abs().mean()) > 0.05, (a, b)
+
+
+def test_shift_images_moves_each_digit_by_at_most_one_pixel() -> None:
+    x = torch.zeros(50, 3, 16, 16)
+    x[:, :, 7, 7] = 1.0  # one lit pixel in the middle
+    moved = shift_images(x, 1, seed=3)
+    assert moved.shape == x.shape
+    where = [tuple((img[0] == 1).nonzero()[0].tolist()) for img in moved]
+    assert all(abs(r - 7) <= 1 and abs(c - 7) <= 1 for r, c in where)
+    assert len(set(where)) > 3  # several different shifts were drawn
+    assert torch.equal(moved, shift_images(x, 1, seed=3))
+    assert float(moved.sum()) == float(x.sum())  # nothing falls off from the middle
 
 
 def test_apply_domain_seeded_and_checked() -> None:

@@ -11,14 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lssfl.common.models import MLP, SmallCNN
+from lssfl.common.models import MLP, SmallCNN, head_parameter_names
 from lssfl.training.lss import (
     FlatLayout,
     LSSTrainer,
     Pool,
     RoundState,
     diversity_term,
-    head_parameter_names,
     importance_weights,
     interpolate,
     pairwise_sq_distances,
@@ -60,7 +59,7 @@ class Recorder(LSSTrainer):
         self.log: list[dict] = []
         self.state: RoundState | None = None
 
-    def step(self, model, state, opt, x, y, alphas):  # type: ignore[override]
+    def step(self, model, state, opt, x, y, alphas, measure=False):  # type: ignore[override]
         self.state = state
         self.log.append(
             {
@@ -70,7 +69,7 @@ class Recorder(LSSTrainer):
                 "head": {n: h.detach().clone() for n, h in state.head.items()},
             }
         )
-        return super().step(model, state, opt, x, y, alphas)
+        return super().step(model, state, opt, x, y, alphas, measure)
 
 
 # --- pure pieces ------------------------------------------------------------------------------
@@ -151,38 +150,42 @@ def test_simplex_volume() -> None:
     torch.testing.assert_close(simplex_sq_volume(sq(tet)).sqrt(), torch.tensor(1 / 6).double())
 
 
-def test_distances_are_rms_and_weighted() -> None:
+@pytest.mark.parametrize("rms", [False, True])
+def test_distances_are_l2_or_rms_and_weighted(rms: bool) -> None:
     a = torch.randn(20, dtype=torch.float64)
     points = torch.randn(3, 20, dtype=torch.float64)
     w = torch.rand(20, dtype=torch.float64) + 0.5
     scratch = torch.empty(20, dtype=torch.float64)
-    expected = ((a - points) * w).square().mean(dim=1)
-    torch.testing.assert_close(sq_distances(a, points, w, scratch), expected)
-    # the volume of a triangle from RMS distances in R^2 is the true area / 2
+    sq = ((a - points) * w).square()
+    expected = sq.mean(dim=1) if rms else sq.sum(dim=1)  # the paper's L2 by default
+    torch.testing.assert_close(sq_distances(a, points, w, scratch, rms), expected)
+    # the triangle (0,0), (3,0), (0,4): area 6 and mean distance 3.5 from vertex 0 in L2;
+    # RMS distances in R^2 are L2 / sqrt(2), so the area halves
     tri = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
-    s = sq_distances(tri[0], tri[1:], None, torch.empty(2, dtype=torch.float64))
-    frozen = sq_distances(tri[1], tri[2:], None, torch.empty(2, dtype=torch.float64))
+    s = sq_distances(tri[0], tri[1:], None, torch.empty(2, dtype=torch.float64), rms)
+    frozen = sq_distances(tri[1], tri[2:], None, torch.empty(2, dtype=torch.float64), rms)
     frozen_sq = torch.tensor([[0.0, float(frozen[0])], [float(frozen[0]), 0.0]]).double()
     value, _ = diversity_term(s, frozen_sq, "volume")
-    assert value == pytest.approx(3.0)
+    assert value == pytest.approx(3.0 if rms else 6.0)
     value, _ = diversity_term(s, frozen_sq, "l2")
-    assert value == pytest.approx((3 + 4) / 2 / math.sqrt(2))
+    assert value == pytest.approx((3 + 4) / 2 / (math.sqrt(2) if rms else 1.0))
 
 
 def _regularise(
-    rows: torch.Tensor, weight: torch.Tensor | None, **kw
+    rows: torch.Tensor, weight: torch.Tensor | None, rms: bool = False, **kw
 ) -> tuple[float, torch.Tensor]:
     d = rows.shape[1]
     scratch = torch.empty(d, dtype=rows.dtype)
-    frozen_sq = pairwise_sq_distances(rows[1:-1], weight, scratch)
+    frozen_sq = pairwise_sq_distances(rows[1:-1], weight, scratch, rms)
     grad = torch.zeros(d, dtype=rows.dtype)
-    value = regulariser(
+    value, _ = regulariser(
         rows,
         frozen_sq,
         weight=weight,
         weight_sq=None if weight is None else weight * weight,
         grad=grad,
         scratch=scratch,
+        rms=rms,
         **kw,
     )
     return value, grad
@@ -193,14 +196,22 @@ def _regularise(
 @pytest.mark.parametrize("diversity", ["l2", "volume"])
 @pytest.mark.parametrize("importance", [False, True])
 @pytest.mark.parametrize("lambdas", [(1.3, 0.7), (0.0, 0.9), (1.1, 0.0)])
+@pytest.mark.parametrize("rms", [False, True])
 def test_regulariser_gradient_matches_finite_differences(
-    k: int, affinity: str, diversity: str, importance: bool, lambdas: tuple[float, float]
+    k: int,
+    affinity: str,
+    diversity: str,
+    importance: bool,
+    lambdas: tuple[float, float],
+    rms: bool,
 ) -> None:
     g = torch.Generator().manual_seed(k)
     d = 12
     rows = torch.randn(k + 1, d, generator=g, dtype=torch.float64)
     weight = torch.rand(d, generator=g, dtype=torch.float64) + 0.5 if importance else None
-    kw = dict(lambda_a=lambdas[0], lambda_d=lambdas[1], affinity=affinity, diversity=diversity)
+    kw = dict(
+        lambda_a=lambdas[0], lambda_d=lambdas[1], affinity=affinity, diversity=diversity, rms=rms
+    )
     _, grad = _regularise(rows, weight, **kw)
     h = 1e-6
     numeric = torch.empty(d, dtype=torch.float64)
@@ -240,7 +251,7 @@ def test_training_invariants() -> None:
     model = _model("mlp")
     x, y = _data()
     initial = copy.deepcopy(model)
-    trainer = Recorder(pool_size=3, batch_size=16, interp_samples=2)
+    trainer = Recorder(pool_size=3, epochs_per_member=1, batch_size=16, interp_samples=2)
     trainer.train(model, x, y, seed=0)
     state = trainer.state
     assert state is not None
@@ -267,8 +278,10 @@ def test_training_invariants() -> None:
         assert (result - member).abs().max() > 1e-5
 
 
-@pytest.mark.parametrize("affinity,diversity", [("l2", "l2"), ("sq_l2", "volume")])
-def test_step_matches_an_autograd_reference(affinity: str, diversity: str) -> None:
+@pytest.mark.parametrize(
+    "affinity,diversity,rms", [("l2", "l2", False), ("sq_l2", "volume", False), ("l2", "l2", True)]
+)
+def test_step_matches_an_autograd_reference(affinity: str, diversity: str, rms: bool) -> None:
     """One step against the loss written out naively: soup of 3 members, 2 alpha draws."""
     model = _model("mlp")
     x, y = _data(16)
@@ -282,6 +295,7 @@ def test_step_matches_an_autograd_reference(affinity: str, diversity: str) -> No
         lambda_d=lambda_d,
         affinity=affinity,
         diversity=diversity,
+        rms_distances=rms,
         interp_samples=2,
     )
     state = trainer.prepare(model, x, y)
@@ -305,7 +319,7 @@ def test_step_matches_an_autograd_reference(affinity: str, diversity: str) -> No
         ce = ce + F.cross_entropy(functional_call(model, params, (x,)), y) / len(alphas)
 
     def dist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (u - v).norm() / math.sqrt(d)
+        return (u - v).norm() / (math.sqrt(d) if rms else 1.0)
 
     affinity_value = dist(f, rows[0]) if affinity == "l2" else dist(f, rows[0]) ** 2
     if diversity == "l2":
@@ -352,7 +366,8 @@ def test_batchnorm_buffers_follow_the_interpolated_passes() -> None:
     x, y = _data()
     model = _model("cnn")
     before = model.features[1].running_mean.clone()
-    metrics = LSSTrainer(pool_size=2, batch_size=16, interp_samples=2).train(model, x, y, seed=0)
+    trainer = LSSTrainer(pool_size=2, epochs_per_member=1, batch_size=16, interp_samples=2)
+    metrics = trainer.train(model, x, y, seed=0)
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["reg_loss"])
     # member 1: 4 steps x 1 pass (one member, one draw); member 2: 4 steps x 2 passes
     assert int(model.features[1].num_batches_tracked) == 4 + 8
@@ -381,7 +396,7 @@ def test_exclude_head() -> None:
     x, y = _data()
     model = _model("cnn")
     initial = copy.deepcopy(model)
-    trainer = Recorder(pool_size=2, batch_size=16, exclude_head=True)
+    trainer = Recorder(pool_size=2, epochs_per_member=1, batch_size=16, exclude_head=True)
     trainer.train(model, x, y, seed=0)
     state = trainer.state
     assert state is not None
@@ -429,6 +444,7 @@ def test_amp_is_ignored_on_cpu() -> None:
         {"interp_samples": 0},
         {"lambda_d": -1.0},
         {"optimizer": "lion"},
+        {"schedule": "linear"},
     ],
 )
 def test_bad_options(bad: dict) -> None:
@@ -446,3 +462,60 @@ def test_cuda(amp: bool) -> None:
     )
     assert math.isfinite(metrics["train_loss"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_authors_schedule_trains_later_members_an_eighth() -> None:
+    x, y = _data()  # 64 samples, batch 16: 4 steps an epoch
+    equal = Recorder(pool_size=3, epochs_per_member=8, batch_size=16)
+    equal.train(_model("mlp"), x, y, seed=0)
+    authors = Recorder(pool_size=3, epochs_per_member=8, batch_size=16, schedule="authors")
+    authors.train(_model("mlp"), x, y, seed=0)
+    sizes = [e["size"] for e in authors.log]
+    assert [sizes.count(m) for m in range(3)] == [8 * 4, 1 * 4, 1 * 4]
+    assert len(equal.log) == 3 * 8 * 4
+    short = LSSTrainer(epochs_per_member=4, schedule="authors")
+    assert [short.member_epochs(m) for m in range(3)] == [4, 1, 1]  # never 0 epochs
+
+
+def test_diagnostics_report_the_pool() -> None:
+    x, y = _data()
+    model = _model("cnn")
+    initial = copy.deepcopy(model)
+    trainer = Recorder(pool_size=3, epochs_per_member=2, batch_size=16, lambda_a=1.0)
+    metrics = trainer.train(model, x, y, seed=0)
+    state = trainer.state
+    assert state is not None
+    d = state.layout.dim
+    soup = _flat(model, state.layout.names)
+    anchor = _flat(initial, state.layout.names)
+    assert metrics["distance_to_global"] == pytest.approx(
+        float((soup - anchor).norm()) / math.sqrt(d), rel=1e-4
+    )
+    members = state.pool.rows[1:]
+    pairs = [float((members[i] - members[j]).norm()) for i in range(3) for j in range(i)]
+    assert metrics["min_member_distance"] == pytest.approx(min(pairs) / math.sqrt(d), rel=1e-4)
+    assert 0 < metrics["reg_to_loss_grad"] < 10
+    off = LSSTrainer(pool_size=2, epochs_per_member=1, batch_size=16, lambda_a=0, lambda_d=0)
+    assert off.train(_model("cnn"), x, y, seed=0)["reg_to_loss_grad"] == 0.0
+    # a stronger pull gives a larger ratio, on the same data and seed
+    strong = LSSTrainer(pool_size=3, epochs_per_member=2, batch_size=16, lambda_a=10.0)
+    assert (
+        strong.train(_model("cnn"), x, y, seed=0)["reg_to_loss_grad"] > metrics["reg_to_loss_grad"]
+    )
+
+
+def test_a_collapsed_pool_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    x, y = _data()
+    with caplog.at_level("WARNING", logger="lssfl.training"):
+        metrics = LSSTrainer(pool_size=3, epochs_per_member=1, batch_size=16, lr=0.0).train(
+            _model("cnn"), x, y, seed=0
+        )
+    assert metrics["min_member_distance"] == 0.0
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "the pool collapsed" in line and "lambda_a" in line
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lssfl.training"):
+        LSSTrainer(pool_size=3, epochs_per_member=1, batch_size=16, lr=1e-2).train(
+            _model("cnn"), x, y, seed=0
+        )
+    assert not caplog.records

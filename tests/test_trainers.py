@@ -154,3 +154,23 @@ def test_make_trainer_passes_hyper_parameters() -> None:
 def test_make_trainer_errors(spec: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_trainer(spec)
+
+
+def test_head_only_trains_the_head_alone_on_a_frozen_backbone() -> None:
+    x, y = _data()
+    model, initial = _model(), _model()
+    FedAvgTrainer(epochs=2, batch_size=16, lr=1e-2, head_only=True).train(model, x, y, seed=1)
+    before, after = initial.state_dict(), model.state_dict()
+    head = {"head.3.weight", "head.3.bias"}
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    # the classifier moved; every other weight and BatchNorm's running statistics did not
+    assert changed == head
+    assert all(p.requires_grad for p in model.parameters())  # the freeze is undone
+    # the same on FedProx and SWA, which share FedAvg's loop
+    for trainer in (
+        FedProxTrainer(epochs=2, batch_size=16, head_only=True, mu=0.1),
+        SWATrainer(epochs=2, batch_size=16, head_only=True),
+    ):
+        m = _model()
+        trainer.train(m, x, y, seed=1)
+        assert {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])} == head

@@ -1,43 +1,63 @@
 """Local Superior Soups (Chen et al., NeurIPS 2024): local training that returns a model soup.
 
-One silo, one round (see /work/shared/LSS_SPEC.md). Starting from the received weights f_p,
-train N pool members one after another. Member 1 starts at f_p; member k starts at the uniform
-average of members 1..k-1, which are then frozen. Each step draws interpolation weights
-alpha ~ Dirichlet(1, ..., 1) over the k current members, evaluates the loss at the soup
-f_s = sum_i alpha_i f_i, and updates only f_k (the gradient reaches it through alpha_k * f_k):
+Paper: Minghui Chen, Meirui Jiang, Xin Zhang, Qi Dou, Zehua Wang, Xiaoxiao Li, "Local Superior
+Soups: A Catalyst for Model Merging in Cross-Silo Federated Learning", NeurIPS 2024
+(arXiv:2410.23660). ``docs/lss.md`` describes the method, its units and how this code differs
+from the authors'.
+
+One silo, one round. Starting from the received weights f_p, train N pool members one after
+another. Member 1 starts at f_p; member k starts at the uniform average of members 1..k-1,
+which are then frozen. Each step draws interpolation weights alpha ~ Dirichlet(1, ..., 1) over
+the k current members, evaluates the loss at the soup f_s = sum_i alpha_i f_i, and updates only
+f_k (the gradient reaches it through alpha_k * f_k):
 
     loss = CE(f_s; batch) + lambda_a * affinity(f_k, f_p) - lambda_d * diversity(f_k, pool)
 
 The silo uploads the uniform average of the N members.
 
-Distances. Every distance is the RMS distance over the D pooled parameters,
+Distances. By default every distance is the paper's L2 distance over the D pooled parameters,
 
-    dist(a, b) = ||w * (a - b)||_2 / sqrt(D)
+    dist(a, b) = ||w * (a - b)||_2
 
-(w = 1 unless ``importance`` is on), i.e. the root-mean-square displacement of one weight,
-instead of the paper's raw L2 norm, whose value grows like sqrt(D): an RMS distance of 0.01
-means the same thing for a 40k-parameter CNN and an 11M-parameter ResNet. affinity "l2" is
-dist(f_k, f_p) (paper), "sq_l2" its square (authors' code). diversity "l2" is the mean of
-dist(f_k, f_i) over the frozen members (paper); "volume" is the volume of the simplex spanned
-by all k members, from the Cayley-Menger determinant of their squared RMS distances,
-normalised by ((k-1)!)^2 * 2^(k-1) so that it is the true (k-1)-volume in RMS units; it scales
-like dist^(k-1), so lambda_d for it needs its own value. Where a distance (or the volume) is
-0 its gradient is taken as 0, the subgradient at the kink: member 1 starts at f_p, member 2
-as a copy of member 1, and member 3 on the segment between members 1 and 2.
+(w = 1 unless ``importance`` is on), so the paper's lambda = 3 works as written. Its value
+grows like sqrt(D): the same lambda pulls a 40k-parameter CNN and an 11M-parameter ResNet
+with the same gradient norm (lambda per unit of distance), whatever D. ``rms_distances=True``
+divides by sqrt(D) instead (the root-mean-square displacement of one weight): values are
+size-free, and lambda_rms = lambda_paper * sqrt(D). affinity "l2" is dist(f_k, f_p) (paper),
+"sq_l2" its square (authors' code). diversity "l2" is the mean of dist(f_k, f_i) over the
+frozen members (paper); "volume" is the volume of the simplex spanned by all k members, from
+the Cayley-Menger determinant of their squared distances, normalised by ((k-1)!)^2 * 2^(k-1)
+so that it is the true (k-1)-volume; it scales like dist^(k-1), so lambda_d for it needs its
+own value. Where a distance (or the volume) is 0 its gradient is taken as 0, the subgradient
+at the kink: member 1 starts at f_p, member 2 as a copy of member 1, and member 3 on the
+segment between members 1 and 2.
 
 Importance weights (``importance=True``): w = sqrt(mean over the local batches of the
 squared gradient of the loss at f_p), clamped to [1e-8, 1e8] as in the reference, then
-divided by its RMS so that uniform importance gives back the plain RMS distance and the
+divided by its RMS so that uniform importance gives back the plain distance and the
 lambdas keep their meaning. Computed once per round; BatchNorm statistics are left untouched.
 
 Head (``exclude_head=True``): the parameters of the last ``nn.Linear`` in
 ``model.modules()`` order (registration order, which is the classifier for every model in
 lssfl.common.models) stay out of the pool: one shared copy, trained along with every member
-and uploaded as it ends. It is not interpolated and not part of any distance.
+and uploaded as it ends. It is not interpolated and not part of any distance. The paper's
+setting replaces the head of a pre-trained network; a fresh head pooled and pulled towards
+its random start by the affinity term does not learn, so the run config turns this on by
+default whenever the initial model's head was replaced (``model.init`` other than random).
+
+Schedule: every member trains ``epochs_per_member`` epochs ("equal", the paper's text), or
+the first one does and the later ones ``max(1, epochs_per_member // 8)`` ("authors", the
+authors' code).
 
 BatchNorm running statistics are buffers, not pool members: the model's one copy is updated
 in place by the interpolated forward passes (``interp_samples`` passes per step, one while
 member 1 trains alone) and uploaded as it ends.
+
+Diagnostics (returned with the metrics, so they reach the coordinator's metrics.jsonl): the
+RMS distance of the soup to f_p, the smallest RMS distance between two members, and the
+ratio of the regulariser's gradient norm to the loss's, sampled every ``DIAGNOSTIC_EVERY``
+steps. A pool whose members are within ``COLLAPSE_RMS`` of each other has collapsed onto one
+model (lambda_a too strong, or nothing to learn): the trainer logs one warning line.
 
 How it is fast. f_p and the N members are the rows of one (N + 1, D) buffer. The active
 member trains in place in its row through parameter-shaped leaf views, whose gradients are
@@ -58,6 +78,7 @@ weights on CPU.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -66,10 +87,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lssfl.common.models import head_parameter_names
 from lssfl.training.loop import batches, make_optimizer
 
 AFFINITIES = ("l2", "sq_l2")
 DIVERSITIES = ("l2", "volume")
+SCHEDULES = ("equal", "authors")
+# Pool members closer than this (RMS over the pooled weights) are one model: a collapsed pool.
+COLLAPSE_RMS = 1e-3
+# The gradient-norm diagnostic costs two passes over D; every 16th step is plenty for a mean.
+DIAGNOSTIC_EVERY = 16
+
+log = logging.getLogger("lssfl.training")
 
 
 # --- flat parameter vectors -------------------------------------------------------------------
@@ -100,15 +129,6 @@ class FlatLayout:
 
     def flatten(self, tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
         return torch.cat([t.reshape(-1) for t in tensors], out=out)
-
-
-def head_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters of the last ``nn.Linear`` in registration order: the head."""
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"exclude_head: {type(model).__name__} has no nn.Linear layer")
-    prefix, module = linears[-1]
-    return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
 
 
 # --- the pool ---------------------------------------------------------------------------------
@@ -200,8 +220,10 @@ def interpolate(members: Tensor, alpha: Tensor, out: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sq_distances(a: Tensor, points: Tensor, weight: Tensor | None, scratch: Tensor) -> Tensor:
-    """Squared RMS distances ||w * (a - p)||^2 / D to each row p of ``points``: float64, CPU."""
+def sq_distances(
+    a: Tensor, points: Tensor, weight: Tensor | None, scratch: Tensor, rms: bool = False
+) -> Tensor:
+    """Squared distances ||w * (a - p)||^2 (/ D if ``rms``) to each row p: float64, CPU."""
     sq = []
     for p in points:
         torch.sub(a, p, out=scratch)
@@ -210,14 +232,17 @@ def sq_distances(a: Tensor, points: Tensor, weight: Tensor | None, scratch: Tens
         sq.append(torch.dot(scratch, scratch))
     if not sq:
         return torch.zeros(0, dtype=torch.float64)
-    return torch.stack(sq).double().cpu() / a.numel()
+    out = torch.stack(sq).double().cpu()
+    return out / a.numel() if rms else out
 
 
-def pairwise_sq_distances(points: Tensor, weight: Tensor | None, scratch: Tensor) -> Tensor:
-    """(m, m) squared RMS distances among the rows of ``points``: float64, CPU."""
+def pairwise_sq_distances(
+    points: Tensor, weight: Tensor | None, scratch: Tensor, rms: bool = False
+) -> Tensor:
+    """(m, m) squared distances among the rows of ``points``: float64, CPU."""
     if len(points) == 0:
         return torch.zeros(0, 0, dtype=torch.float64)
-    return torch.stack([sq_distances(p, points, weight, scratch) for p in points])
+    return torch.stack([sq_distances(p, points, weight, scratch, rms) for p in points])
 
 
 def simplex_sq_volume(sq_dists: Tensor) -> Tensor:
@@ -266,20 +291,30 @@ def diversity_term(sq_to_frozen: Tensor, frozen_sq: Tensor, kind: str) -> tuple[
 
 @torch.no_grad()
 def add_distance_grad(
-    grad: Tensor, rows: Tensor, coefs: Tensor, weight_sq: Tensor | None, scratch: Tensor
-) -> None:
+    grad: Tensor,
+    rows: Tensor,
+    coefs: Tensor,
+    weight_sq: Tensor | None,
+    scratch: Tensor,
+    rms: bool = False,
+    measure: bool = False,
+) -> float:
     """grad += sum_i coefs[i] * d sq_dist(a, rows[i]) / da, where a = rows[-1].
 
-    d sq_dist(a, p) / da = 2 w^2 (a - p) / D, and sum_i c_i (a - p_i) = (sum_i c_i) a - sum_i
-    c_i p_i is one matrix-vector product over the rows, a included.
+    d sq_dist(a, p) / da = 2 w^2 (a - p) (/ D if ``rms``), and sum_i c_i (a - p_i) =
+    (sum_i c_i) a - sum_i c_i p_i is one matrix-vector product over the rows, a included.
+    Returns the norm of what was added when ``measure`` (one more pass over D), else nan.
     """
     c = torch.cat([-coefs, coefs.sum().reshape(1)]).to(rows)
-    scale = 2.0 / rows.shape[1]
-    if weight_sq is None:
+    scale = 2.0 / rows.shape[1] if rms else 2.0
+    if weight_sq is None and not measure:
         grad.addmv_(rows.t(), c, alpha=scale)
-    else:
-        torch.mv(rows.t(), c, out=scratch)
-        grad.add_(scratch.mul_(weight_sq), alpha=scale)
+        return math.nan
+    torch.mv(rows.t(), c, out=scratch)
+    if weight_sq is not None:
+        scratch.mul_(weight_sq)
+    grad.add_(scratch, alpha=scale)
+    return abs(scale) * float(torch.linalg.vector_norm(scratch)) if measure else math.nan
 
 
 def regulariser(
@@ -294,23 +329,26 @@ def regulariser(
     weight_sq: Tensor | None,
     grad: Tensor,
     scratch: Tensor,
-) -> float:
+    rms: bool = False,
+    measure: bool = False,
+) -> tuple[float, float]:
     """lambda_a * affinity(f_k, f_p) - lambda_d * diversity(f_k, frozen); its gradient -> grad.
 
     ``rows`` = [f_p, f_1, ..., f_{k-1}, f_k] (k + 1, D); the gradient is with respect to f_k.
+    Returns (value, norm of its gradient if ``measure`` else nan).
     """
     k = rows.shape[0] - 1
     if lambda_d == 0 or k == 1:
         rows = rows[0 : k + 1 : k]  # f_p and f_k only: a strided view, no copy
     a, points = rows[-1], rows[:-1]
-    sq = sq_distances(a, points, weight, scratch)
+    sq = sq_distances(a, points, weight, scratch, rms)
     value_a, coef_a = affinity_term(float(sq[0]), affinity)
     value, coefs = lambda_a * value_a, torch.tensor([lambda_a * coef_a], dtype=torch.float64)
     if len(points) > 1:
         value_d, coef_d = diversity_term(sq[1:], frozen_sq, diversity)
         value, coefs = value - lambda_d * value_d, torch.cat([coefs, -lambda_d * coef_d])
-    add_distance_grad(grad, rows, coefs, weight_sq, scratch)
-    return value
+    norm = add_distance_grad(grad, rows, coefs, weight_sq, scratch, rms, measure)
+    return value, norm
 
 
 def importance_weights(
@@ -362,31 +400,26 @@ class RoundState:
 class LSSTrainer:
     """Local Superior Soups; see the module docstring. One epoch = one pass over the local data.
 
-    Defaults: the paper uses Adam 5e-4, batch 64, N = 4, 8 epochs per member, lambda 3 on raw
-    L2 distances. lr/batch_size follow FedAvgTrainer's defaults; epochs_per_member = 1 suits
-    the small embedded task. The lambdas are starting values only, to be set by a sweep on the
-    project's tasks: on RMS distances lambda 3 barely registers for SmallCNN on the embedded
-    digits (one silo, one round from scratch), 10 is visible (soup drift 0.010 -> 0.008), 30
-    costs accuracy and 100 stops learning. With RMS distances the *value* of each term is
-    size-free but its gradient norm is lambda / sqrt(D), while the loss's gradient does not
-    shrink with D: at initialisation lambda = 1 gives a regulariser gradient of ~1% of the
-    loss gradient per weight on SmallCNN (D = 39k) and ~0.001% on ResNet-18 (D = 11M), so
-    larger models will want larger lambdas.
+    The defaults are the paper's protocol: Adam 5e-4, batch 64, N = 4 members of 8 epochs
+    each, lambda_a = lambda_d = 3 on plain L2 distances. ``exclude_head`` defaults to False
+    here; a run config sets it from ``model.init`` (see the module docstring).
     """
 
     pool_size: int = 4
-    epochs_per_member: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
+    epochs_per_member: int = 8
+    batch_size: int = 64
+    lr: float = 5e-4
     optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    lambda_a: float = 10.0  # starting values, see above
-    lambda_d: float = 10.0
+    lambda_a: float = 3.0
+    lambda_d: float = 3.0
     affinity: str = "l2"  # "l2" (paper) or "sq_l2" (authors' code)
     diversity: str = "l2"  # "l2" (paper, mean distance to the frozen members) or "volume"
+    rms_distances: bool = False  # distances divided by sqrt(D): lambda_rms = lambda * sqrt(D)
     importance: bool = False  # gradient-based per-parameter weights in every distance
     exclude_head: bool = False  # last nn.Linear: one shared copy, not pooled
+    schedule: str = "equal"  # "equal" or "authors": later members epochs_per_member // 8
     interp_samples: int = 1  # alpha draws per batch, loss averaged (reference: 2)
     amp: bool = False  # bfloat16 autocast for the forward pass; CUDA only, ignored on CPU
 
@@ -401,8 +434,16 @@ class LSSTrainer:
             raise ValueError(f"lss: affinity {self.affinity!r} not in {AFFINITIES}")
         if self.diversity not in DIVERSITIES:
             raise ValueError(f"lss: diversity {self.diversity!r} not in {DIVERSITIES}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"lss: schedule {self.schedule!r} not in {SCHEDULES}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"lss: unknown optimizer {self.optimizer!r}; known: adam, sgd")
+
+    def member_epochs(self, member: int) -> int:
+        """Epochs of member ``member`` (0-based) under the schedule."""
+        if self.schedule == "authors" and member > 0:
+            return max(1, self.epochs_per_member // 8)
+        return self.epochs_per_member
 
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
@@ -412,24 +453,38 @@ class LSSTrainer:
         model.train()
         state = self.prepare(model, x, y)
         ce_total, reg_total, seen, steps = 0.0, 0.0, 0, 0
-        for _ in range(self.pool_size):
+        ratios: list[float] = []
+        for member in range(self.pool_size):
             opt = self.start_member(state)
             k = state.pool.size + 1
-            for _ in range(self.epochs_per_member):
+            for _ in range(self.member_epochs(member)):
                 for idx in batches(len(x), self.batch_size, batch_generator, x.device):
                     alphas = sample_alphas(k, self.interp_samples, alpha_generator)
-                    ce, reg = self.step(model, state, opt, x[idx], y[idx], alphas)
+                    measure = steps % DIAGNOSTIC_EVERY == 0
+                    ce, reg, ratio = self.step(model, state, opt, x[idx], y[idx], alphas, measure)
                     ce_total += ce * len(idx)
                     reg_total += reg
                     seen += len(idx)
                     steps += 1
+                    if measure and not math.isnan(ratio):
+                        ratios.append(ratio)
             state.pool.finish_member()
         soup = self.load_result(model, state)
-        drift = sq_distances(soup, state.pool.anchor[None], None, state.soup)
+        diagnostics = pool_diagnostics(state.pool, soup, state.soup)
+        if self.pool_size > 1 and diagnostics["min_member_distance"] < COLLAPSE_RMS:
+            log.warning(
+                "lss: the pool collapsed: its closest members are %.1e apart (RMS, < %.0e), so "
+                "the soup is one model; lower lambda_a (%g) or raise lr (%g)",
+                diagnostics["min_member_distance"],
+                COLLAPSE_RMS,
+                self.lambda_a,
+                self.lr,
+            )
         return {
             "train_loss": ce_total / max(seen, 1),
             "reg_loss": reg_total / max(steps, 1),
-            "distance_to_global": math.sqrt(float(drift[0])),
+            **diagnostics,
+            "reg_to_loss_grad": sum(ratios) / len(ratios) if ratios else 0.0,
         }
 
     def prepare(self, model: nn.Module, x: Tensor, y: Tensor) -> RoundState:
@@ -460,7 +515,9 @@ class LSSTrainer:
         """Start the next member; each member gets a fresh optimizer (so does the shared head)."""
         pool = state.pool
         if self.diversity == "volume":  # fixed while this member trains
-            state.frozen_sq = pairwise_sq_distances(pool.frozen, state.weight, state.soup)
+            state.frozen_sq = pairwise_sq_distances(
+                pool.frozen, state.weight, state.soup, self.rms_distances
+            )
         params = pool.start_member()
         return make_optimizer(
             self.optimizer,
@@ -478,8 +535,13 @@ class LSSTrainer:
         x: Tensor,
         y: Tensor,
         alphas: Tensor,
-    ) -> tuple[float, float]:
-        """One update of the active member on (x, y); ``alphas`` (samples, k). -> (CE, reg)."""
+        measure: bool = False,
+    ) -> tuple[float, float, float]:
+        """One update of the active member on (x, y); ``alphas`` (samples, k).
+
+        Returns (CE, regulariser value, regulariser-to-loss gradient norm ratio); the ratio is
+        nan unless ``measure`` and the regulariser is on.
+        """
         pool = state.pool
         k = pool.size + 1
         members = pool.rows[1 : k + 1]
@@ -498,9 +560,10 @@ class LSSTrainer:
             (loss / len(alphas)).backward()
             _move_grad(state.soup_params, pool.active_params, float(alpha[-1]), first=s == 0)
             ce += loss.item()
-        reg = 0.0
+        reg, ratio = 0.0, math.nan
         if self.lambda_a or (self.lambda_d and k > 1):
-            reg = regulariser(
+            loss_norm = float(torch.linalg.vector_norm(pool.grad)) if measure else math.nan
+            reg, reg_norm = regulariser(
                 pool.rows[: k + 1],
                 state.frozen_sq,
                 lambda_a=self.lambda_a,
@@ -511,9 +574,13 @@ class LSSTrainer:
                 weight_sq=state.weight_sq,
                 grad=pool.grad,
                 scratch=state.soup,  # free until the next interpolation
+                rms=self.rms_distances,
+                measure=measure,
             )
+            if measure and loss_norm > 0:
+                ratio = reg_norm / loss_norm
         opt.step()
-        return ce / len(alphas), reg
+        return ce / len(alphas), reg, ratio
 
     @torch.no_grad()
     def load_result(self, model: nn.Module, state: RoundState) -> Tensor:
@@ -525,6 +592,23 @@ class LSSTrainer:
         for name, h in state.head.items():
             params[name].copy_(h)
         return soup
+
+
+def pool_diagnostics(pool: Pool, soup: Tensor, scratch: Tensor) -> dict[str, float]:
+    """RMS distance of the soup to f_p, and (N > 1) the smallest RMS distance between members.
+
+    RMS whatever ``rms_distances`` says, so the figures compare across models and runs.
+    """
+    out = {
+        "distance_to_global": math.sqrt(
+            float(sq_distances(soup, pool.anchor[None], None, scratch, rms=True)[0])
+        )
+    }
+    if pool.size > 1:
+        sq = pairwise_sq_distances(pool.frozen, None, scratch, rms=True)
+        off = sq[~torch.eye(pool.size, dtype=torch.bool)]
+        out["min_member_distance"] = math.sqrt(float(off.min().clamp_min(0)))
+    return out
 
 
 @torch.no_grad()
