@@ -347,3 +347,25 @@ def test_each_round_is_encoded_once_and_every_silo_gets_the_same_bytes(tmp_path,
         assert encodes == ["fp32", "int8", "fp32"]  # downloads encoded nothing more
     finally:
         h.close()
+
+
+def test_held_model_is_stored_with_its_round_and_checked_on_read(tmp_path):
+    from lssfl.server.store import StoreError
+
+    store = RoundStore(tmp_path)
+    record = {
+        "status": "ok", "global_accuracy": 0.0, "global_loss": 0.0, "bytes_down": 0,
+        "bytes_up": 0, "bytes_down_raw": 0, "bytes_up_raw": 0, "silos": [],
+    }  # fmt: skip
+    for r in (1, 2):
+        held = {"w": torch.full((3,), float(r))}
+        store.commit_round({"w": torch.zeros(3)}, {**record, "round": r}, held)
+    # Only the last round's is kept, and only it is read back.
+    assert not store.held_path(1).exists() and store.held_model(1) is None
+    assert torch.equal(store.held_model(2)["w"], torch.full((3,), 2.0))
+    data = bytearray(store.held_path(2).read_bytes())
+    data[-1] ^= 0xFF
+    store.held_path(2).write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="held-0002.safetensors does not match its recorded"):
+        store.held_model(2)
+    store.close()
