@@ -692,6 +692,41 @@ def _silos_html(run: Run) -> str:
     return _table(head, rows, left=1, cls=lambda ri, i: "miss" if flags[ri][i] else None)
 
 
+# The LSS pool diagnostics a silo reports (lssfl.training.lss), as metrics.jsonl names them.
+POOL_KEYS = (
+    ("train_distance_to_global", "soup to received", ".2e"),
+    ("train_min_member_distance", "closest members", ".2e"),
+    ("train_reg_to_loss_grad", "reg / loss grad", ".3f"),
+)
+COLLAPSE_RMS = 1e-3  # as lssfl.training.lss.COLLAPSE_RMS; the report reads files, not trainers
+
+
+def _pool_html(run: Run) -> str | None:
+    """Per round and silo, the LSS pool diagnostics; None when the run has none (not LSS)."""
+    silos = run.silo_ids()
+    rows, flags = [], []
+    for rec in run.records:
+        by_id = {str(s.get("silo_id")): s for s in rec.get("silos", [])}
+        if not any(_is_num(s.get(POOL_KEYS[1][0])) for s in by_id.values()):
+            continue
+        cells, f = [str(rec["round"])], [False]
+        for sid in silos:
+            s = by_id.get(sid, {})
+            cells.append(
+                " / ".join(
+                    _fmt(s.get(k), spec) if _is_num(s.get(k)) else "-" for k, _, spec in POOL_KEYS
+                )
+            )
+            closest = s.get(POOL_KEYS[1][0])
+            f.append(_is_num(closest) and closest < COLLAPSE_RMS)
+        rows.append(cells)
+        flags.append(f)
+    if not rows:
+        return None
+    head = ["round", *(_e(s) for s in silos)]
+    return _table(head, rows, left=1, cls=lambda ri, i: "miss" if flags[ri][i] else None)
+
+
 def _html(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, target_note) -> str:
     now = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [
@@ -753,6 +788,21 @@ def _html(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, targ
         if len(runs) > 1:
             parts.append(f"<h3>{_e(run.label)}</h3>")
         parts.append(_silos_html(run))
+    pools = [(run, _pool_html(run)) for run in runs]
+    if any(table for _, table in pools):
+        parts.append("<h2>LSS pool</h2>")
+        parts.append(
+            '<p class="note">Per silo: RMS distance of the uploaded soup to the model it '
+            "received / smallest RMS distance between two pool members / regulariser-to-loss "
+            f"gradient norm ratio. Red: the pool collapsed (closest members under "
+            f"{COLLAPSE_RMS:g}), so the soup is one model and lambda_a is too strong; a ratio "
+            "near 0 means the regulariser does nothing.</p>"
+        )
+        for run, table in pools:
+            if table:
+                if len(runs) > 1:
+                    parts.append(f"<h3>{_e(run.label)}</h3>")
+                parts.append(table)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -898,6 +948,32 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def comparison_lines(runs: Sequence[Run]) -> list[str]:
+    """Accuracy and cumulative MB per round, one column per run, and each run's gain over the
+    first: what a comparison shows at a glance in a terminal."""
+    names = [r.algorithm for r in runs]
+    gains = [f"{n} - {names[0]}" for n in names[1:]]
+    widths = [max(21, len(n) + 2) for n in names] + [max(12, len(g) + 2) for g in gains]
+    head = "round" + "".join(f"{t:>{w}}" for t, w in zip(names + gains, widths, strict=True))
+    lines = [head]
+    tables = [
+        dict(zip(run.rounds, zip(run.accuracy, run.cumulative_mb, strict=True), strict=True))
+        for run in runs
+    ]
+    for rnd in sorted({r for run in runs for r in run.rounds}):
+        cells = [(t.get(rnd) or (math.nan, math.nan)) for t in tables]
+        row = f"{rnd:>5}" + "".join(
+            f"{_fmt(acc, '.4f') + ' ' + _fmt(mb, '7.2f') + ' MB':>{w}}"
+            for (acc, mb), w in zip(cells, widths, strict=False)
+        )
+        row += "".join(
+            f"{_fmt((acc - cells[0][0]) * 100, '+.2f') + ' pts':>{w}}"
+            for (acc, _), w in zip(cells[1:], widths[len(runs) :], strict=True)
+        )
+        lines.append(row)
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """``lssfl report``: returns 0; ValueError (one line) for a missing or malformed run."""
     dirs = [Path(d) for d in args.run_dirs]
@@ -909,6 +985,8 @@ def run(args: argparse.Namespace) -> int:
         path = write_report(dirs[0], target=target)
     else:
         path = write_comparison(dirs, out or default_out_dir(dirs), target=target)
+        print("accuracy and cumulative MB (down + up, all silos) per round:")
+        print("\n".join(comparison_lines(runs)))
     print(f"report: {path}")
     for name, _ in PLOTS:
         print(f"  plot: {path.parent / name}")

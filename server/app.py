@@ -18,7 +18,7 @@ from lssfl.common.models import build_model, evaluate
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.initial import initial_state
 from lssfl.server.service import serve
-from lssfl.server.store import RoundStore, atomic_write
+from lssfl.server.store import RoundStore, StoreError, atomic_write
 
 log = logging.getLogger("lssfl.coordinator")
 ADDRESS_FILE = "coordinator.addr"
@@ -26,7 +26,18 @@ ADDRESS_FILE = "coordinator.addr"
 
 def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> int:
     """Serve one run to the end. Returns the process exit code."""
-    store = RoundStore(run_dir)
+    try:
+        store = RoundStore(run_dir)
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        return _serve_run(cfg, store, run_dir, port)
+    finally:
+        store.close()
+
+
+def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | None) -> int:
     identity = json.dumps(run_identity(cfg), sort_keys=True)
     stored = store.get("identity")
     if stored is None:
@@ -57,9 +68,13 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
         evaluate_state,
         run_id=store.get("run_id"),
     )
-    server, bound = serve(
-        coordinator, cfg.coordinator.host, cfg.coordinator.port if port is None else port
-    )
+    try:
+        server, bound = serve(
+            coordinator, cfg.coordinator.host, cfg.coordinator.port if port is None else port
+        )
+    except OSError as exc:
+        log.error("%s", exc)
+        return 2
     address = f"{cfg.coordinator.host}:{bound}"
     # The launcher waits for this file to learn the port the OS picked.
     atomic_write(run_dir / ADDRESS_FILE, address.encode())
@@ -75,7 +90,6 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
         return 1
     finally:
         server.stop(grace=2).wait()
-        store.close()
     log.info("run finished: %s", run_dir)
     return 0
 

@@ -132,19 +132,27 @@ def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | No
 def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, int]:
     """Start the service; returns the server and the port it bound (``port=0``: any free)."""
     workers = max(16, 4 * len(coordinator.cfg.silos))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
+    # No SO_REUSEPORT: with it a second coordinator binds the same port and the kernel splits
+    # the silos' connections between the two.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+    )
     add_coordinator_servicer(CoordinatorServicer(coordinator), server)
     # The standard gRPC health service, for load balancers and container health checks.
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("lssfl.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = (
-        server.add_secure_port(f"{host}:{port}", creds)
-        if (creds := server_credentials(coordinator.cfg.security))
-        else server.add_insecure_port(f"{host}:{port}")
-    )
+    try:
+        bound = (
+            server.add_secure_port(f"{host}:{port}", creds)
+            if (creds := server_credentials(coordinator.cfg.security))
+            else server.add_insecure_port(f"{host}:{port}")
+        )
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {host}:{port}: the port is in use or not allowed")
     server.start()
     return server, bound

@@ -10,6 +10,7 @@ copy of the database, rewritten from it on every resume.
 Layout of ``runs/<run-id>/``:
 
     state.db               run config and hash, current round and phase, rounds, silos
+    coordinator.lock       held (flock) by the one coordinator serving the folder; its pid
     config.yaml            the effective config
     metrics.jsonl          one JSON object per committed round (round 0: the initial model)
     checkpoints/round-NNNN.safetensors   global model after each round
@@ -21,9 +22,11 @@ Layout of ``runs/<run-id>/``:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -67,8 +70,12 @@ CREATE TABLE IF NOT EXISTS silos (
 """
 
 
+LOCK_FILE = "coordinator.lock"
+_CHECKPOINT_RE = re.compile(r"^round-(\d{4,})\.safetensors$")
+
+
 class StoreError(RuntimeError):
-    pass
+    """The run folder cannot be used as it is; the message is one line naming why."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,20 +107,88 @@ def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     atomic_write(path, state_bytes(state))
 
 
+def _take_lock(run_dir: Path) -> int:
+    """Hold an exclusive flock on the run folder's lock file for this process's lifetime.
+
+    Two coordinators on one folder would overwrite each other's rounds and checkpoints. The
+    kernel drops the lock when the holder dies, so a crash never leaves the folder locked.
+    """
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(
+            f"run folder {run_dir} is in use by another coordinator (pid {holder}); stop it "
+            "or choose another --run-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class RoundStore:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _take_lock(run_dir)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(run_dir / "state.db", check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(run_dir / "state.db", check_same_thread=False)
+            self._check_checkpoints()  # before anything is written to the database
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._release()
+            raise StoreError(
+                f"{run_dir / 'state.db'} is not a readable SQLite database ({exc}); restore it "
+                "or choose another --run-dir: nothing was changed"
+            ) from None
+        except StoreError:
+            self._release()
+            raise
+
+    def _check_checkpoints(self) -> None:
+        """Refuse a database that cannot be the one that wrote the folder's checkpoints.
+
+        A crash can leave one checkpoint past the last committed round (written, not yet
+        committed: it is simply written again); more than that, or checkpoints beside a
+        database with no run in it, means state.db was lost or replaced, and starting over
+        would overwrite committed rounds.
+        """
+        rounds = [
+            int(m.group(1))
+            for p in (self.run_dir / "checkpoints").iterdir()
+            if (m := _CHECKPOINT_RE.match(p.name))
+        ]
+        if not rounds:
+            return
+        tables = {
+            name
+            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        last, has_run = None, None
+        if {"rounds", "run"} <= tables:
+            (last,) = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
+            has_run = self._db.execute("SELECT 1 FROM run WHERE key = 'identity'").fetchone()
+        if not has_run or max(rounds) > (-1 if last is None else last) + 1:
+            raise StoreError(
+                f"{self.run_dir} holds checkpoints up to round {max(rounds)} but its state.db "
+                + ("has no run" if not has_run else f"ends at round {last}")
+                + ": it was lost or replaced; restore it or choose another --run-dir (nothing "
+                "was overwritten)"
+            )
+
+    def _release(self) -> None:
+        os.close(self._lock_fd)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._release()
 
     # -------------------------------------------------------------- run identity
 

@@ -48,3 +48,42 @@ def test_lss_step_reports_both_trainers():
     assert out["fedavg_step_ms"] > 0 and out["lss_step_ms"] > 0
     assert out["ratio"] == pytest.approx(out["lss_step_ms"] / out["fedavg_step_ms"], rel=0.01)
     assert out["lss_peak_mb"] >= out["before_setup_mb"]
+
+
+def test_rounds_to_accuracy_json_and_bytes_to_target() -> None:
+    """The figures the LSS acceptance is read from: per-seed curves and bytes to a target."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rta", BENCH / "rounds_to_accuracy.py")
+    assert spec is not None and spec.loader is not None
+    rta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rta)
+    assert {
+        "fedavg",
+        "fedavg-compute",
+        "fedavg-frozen",
+        "fedprox",
+        "swa",
+        "lss",
+        "lss-int8",
+    } <= set(rta.ARMS)
+
+    def recs(accs: list[float], per_round: int) -> list[dict]:
+        return [
+            {"global_accuracy": a, "cum_bytes_down": r * per_round, "cum_bytes_up": r * per_round}
+            for r, a in enumerate(accs)
+        ]
+
+    results = {
+        "fedavg": {0: recs([0.1, 0.2, 0.5], 100), 1: recs([0.1, 0.3, 0.6], 100)},
+        "lss-int8": {0: recs([0.1, 0.5, 0.7], 25), 1: recs([0.1, 0.4, 0.5], 25)},
+    }
+    arms = rta.arms_json(results)
+    assert arms["fedavg"]["accuracy"] == [[0.1, 0.2, 0.5], [0.1, 0.3, 0.6]]
+    assert arms["lss-int8"]["cum_bytes"][0] == [0, 50, 100]
+    reach = rta.bytes_to_target(arms)
+    # seed 0: 0.5 reached in round 1 with 50 of fedavg's 400 bytes; seed 1 never reaches 0.6
+    assert reach["lss-int8"]["per_seed"][0] == {"round": 1, "bytes": 50, "ratio": 0.125}
+    assert reach["lss-int8"]["per_seed"][1]["round"] is None
+    assert reach["lss-int8"]["max_ratio"] is None
+    assert reach["fedavg"]["max_ratio"] == 1.0

@@ -276,3 +276,34 @@ SHOT = _screenshot_tool()
 def test_screenshot_of_the_html(comparison, tmp_path):
     shot = SHOT.screenshot(comparison / "report.html", tmp_path / "shot.png", 1200, 1600)
     assert _png_size(shot) == (1200, 1600) and shot.stat().st_size > 50_000
+
+
+def test_lss_pool_diagnostics_table(tmp_path):
+    """The pool figures LSS silos report show per round and silo; a collapsed pool is red."""
+    records = [_record("lss", r, 0.3 + 0.1 * r, 10, 10) for r in range(3)]
+    for r, rec in enumerate(records[1:], start=1):
+        for i, s in enumerate(rec["silos"]):
+            s["train_distance_to_global"] = 0.01 * r
+            # silo-2 collapses in round 2
+            s["train_min_member_distance"] = 2e-4 if (r, i) == (2, 1) else 5e-3
+            s["train_reg_to_loss_grad"] = 0.25
+    lss = _write_run(tmp_path / "lss", records)
+    fedavg = _write_run(tmp_path / "fedavg", [_record("fedavg", r, 0.3, 10, 10) for r in range(3)])
+    write_report(lss)
+    html = (lss / "report.html").read_text()
+    section = html.split("<h2>LSS pool</h2>")[1]
+    assert "1.00e-02 / 5.00e-03 / 0.250" in section
+    assert section.count('class="miss"') == 1 and "2.00e-04" in section
+    write_report(fedavg)
+    assert "LSS pool" not in (fedavg / "report.html").read_text()
+
+
+def test_a_comparison_prints_accuracy_side_by_side(runs, tmp_path, capsys):
+    assert report.run(_args(*map(str, runs), "--out", str(tmp_path / "cmp"))) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("accuracy and cumulative MB (down + up, all silos) per round:")
+    head, *rows = out[start + 1 : start + 6]
+    assert head.split() == ["round", "fedavg", "lss", "lss", "-", "fedavg"]
+    # round 2: fedavg 0.60 after 1.1 MB (0.6 + 0.5), lss 0.68 after 0.9 MB: +8 points
+    assert rows[2].split() == ["2", "0.6000", "1.10", "MB", "0.6800", "0.90", "MB", "+8.00", "pts"]
+    assert rows[0].split()[-2:] == ["+0.00", "pts"]
