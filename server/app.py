@@ -50,7 +50,6 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
             run_dir,
             "; ".join(changes[:5]),
         )
-        store.close()
         return 2
     store.save_config(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     data = prepare_data_root(cfg)
