@@ -298,7 +298,8 @@ class Coordinator:
                     f"silo {silo!r} was not selected for round {round_num}",
                 )
             return
-        self._late[round_num] = self._late.get(round_num, 0) + 1
+        # Counted in the round during which it arrives: that round's record is still to come.
+        self._late[self._round] = self._late.get(self._round, 0) + 1
         log.warning("round=%d silo=%s late result refused", round_num, silo)
         raise RpcError(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -412,6 +413,8 @@ class Coordinator:
             if problem:
                 raise RuntimeError(f"checkpoint of round {done} does not fit the model: {problem}")
             self.global_state = {k: state[k] for k in self.global_state}
+            if self.cfg.compression.delta_downlink:
+                self._broadcast = self.store.held_model(done)
             self._round = first = done + 1
             self.store.rewrite_metrics()
             self._last_record = self.store.records()[-1]
@@ -527,7 +530,10 @@ class Coordinator:
             "silos": silos,
         }
         self._last_record = record
-        self.store.commit_round(self.global_state, record)
+        # With a delta downlink the next round is encoded against what silos hold now: stored
+        # with the round, so a resumed run sends the same bytes as an uninterrupted one.
+        held = self._broadcast if self.cfg.compression.delta_downlink else None
+        self.store.commit_round(self.global_state, record, held)
         log.info(
             "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
             round_num,

@@ -14,6 +14,8 @@ Layout of ``runs/<run-id>/``:
     config.yaml            the effective config
     metrics.jsonl          one JSON object per committed round (round 0: the initial model)
     checkpoints/round-NNNN.safetensors   global model after each round
+    checkpoints/held-NNNN.safetensors    with a delta downlink: what silos hold after the
+                                         last round's download (its next delta's base)
     final_model.safetensors + model.json  the last global model and its architecture
     uploads/round-NNNN/<silo>.safetensors  decoded uploads, when save_uploads is on
 """
@@ -210,12 +212,27 @@ class RoundStore:
     def checkpoint_path(self, round_num: int) -> Path:
         return self.run_dir / "checkpoints" / f"round-{round_num:04d}.safetensors"
 
-    def commit_round(self, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-        """Checkpoint, then the round's rows in one transaction, then metrics.jsonl."""
+    def held_path(self, round_num: int) -> Path:
+        return self.run_dir / "checkpoints" / f"held-{round_num:04d}.safetensors"
+
+    def commit_round(
+        self,
+        state: dict[str, torch.Tensor],
+        record: dict[str, Any],
+        held: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Checkpoint (and ``held``, the model silos hold after this round's download, when a
+        delta downlink makes it differ), then the round's rows in one transaction, then
+        metrics.jsonl."""
         r = int(record["round"])
         data = state_bytes(state, {"round": str(r)})
         path = self.checkpoint_path(r)
         atomic_write(path, data, crash_tag=f"checkpoint:{r}")
+        held_row = []
+        if held is not None:
+            held_data = state_bytes(held, {"round": str(r)})
+            atomic_write(self.held_path(r), held_data)
+            held_row = [("held", f"{r}:{hashlib.sha256(held_data).hexdigest()}")]
         crash_point(f"commit:{r}")
         with self._lock, self._db:
             self._db.execute(
@@ -236,10 +253,13 @@ class RoundStore:
                     for s in record["silos"]
                 ],
             )  # fmt: skip
-            self._db.execute(
-                "INSERT OR REPLACE INTO run (key, value) VALUES ('round', ?), ('phase', ?)",
-                (str(r), "committed"),
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)",
+                [("round", str(r)), ("phase", "committed"), *held_row],
             )
+        if held is not None:
+            self.held_path(r - 1).unlink(missing_ok=True)  # only the last one is ever read
+        crash_point(f"metrics:{r}")
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -264,6 +284,17 @@ class RoundStore:
         if hashlib.sha256(data).hexdigest() != digest:
             raise StoreError(f"checkpoint {name} does not match its recorded SHA-256")
         return r, st_load(data)
+
+    def held_model(self, round_num: int) -> dict[str, torch.Tensor] | None:
+        """What silos held after ``round_num``'s download, if it was stored with that round."""
+        value = self.get("held")
+        if value is None or int(value.split(":")[0]) != round_num:
+            return None
+        path = self.held_path(round_num)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != value.split(":")[1]:
+            raise StoreError(f"{path.name} does not match its recorded SHA-256")
+        return st_load(data)
 
     def rewrite_metrics(self) -> None:
         """Make metrics.jsonl exactly the committed rounds (drops a line a crash left)."""

@@ -332,6 +332,8 @@ class SiloDaemon:
         )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         codec = parse_codec(task.uplink_codec or "fp32")
+        if codec.topk is not None:
+            self._feedback.start_round(r)
         # Lossy codecs send the update against what was received: small, centred values.
         # Top-k keeps what it dropped for the next round (error feedback).
         tensors = (
