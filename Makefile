@@ -19,8 +19,9 @@ demo: $(STAMP)
 	$(VENV)/bin/lssfl run --config configs/demo-lss.yaml --run-dir runs/demo-lss-$$T && \
 	$(VENV)/bin/lssfl report runs/demo-fedavg-$$T runs/demo-lss-$$T --out runs/demo-report-$$T
 
+# -rs: every skipped test is listed with its reason.
 test: $(STAMP) proto-check lint typecheck
-	$(PY) -m pytest tests
+	$(PY) -m pytest -rs tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

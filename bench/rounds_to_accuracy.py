@@ -76,65 +76,60 @@ def run_arm(base: dict, arm: str, seed: int, rounds: int, out: Path) -> list[dic
     return records
 
 
-def summarise(results: dict[str, dict[int, list[dict]]], rounds: int) -> dict[str, Any]:
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarise(arms: dict[str, Any]) -> dict[str, Any]:
+    """Per arm and round: mean and std of accuracy over the seeds, mean cumulative MB."""
     table: dict[str, Any] = {}
-    for arm, by_seed in results.items():
-        rows = []
-        for r in range(rounds + 1):
-            accs = [recs[r]["global_accuracy"] for recs in by_seed.values()]
-            mb = [(recs[r]["bytes_down"] + recs[r]["bytes_up"]) / 1e6 for recs in by_seed.values()]
-            cum = [
-                sum(x["bytes_down"] + x["bytes_up"] for x in recs[: r + 1]) / 1e6
-                for recs in by_seed.values()
-            ]
-            rows.append(
-                {
-                    "round": r,
-                    "accuracy_mean": statistics.fmean(accs),
-                    "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                    "mb_per_round": statistics.fmean(mb),
-                    "cumulative_mb": statistics.fmean(cum),
-                    "seeds": len(accs),
-                }
-            )
-        table[arm] = rows
+    for arm, data in arms.items():
+        rounds = len(data["accuracy"][0])
+        table[arm] = [
+            {
+                "round": r,
+                "accuracy_mean": statistics.fmean(a[r] for a in data["accuracy"]),
+                "accuracy_std": _sd([a[r] for a in data["accuracy"]]),
+                "cumulative_mb": statistics.fmean(c[r] for c in data["cum_bytes"]) / 1e6,
+                "seeds": len(data["accuracy"]),
+            }
+            for r in range(rounds)
+        ]
     return table
 
 
 def markdown(table: dict[str, Any]) -> str:
-    arms = list(table)
-    head = "| round | " + " | ".join(f"{a}: acc % (std), cum. MB" for a in arms) + " |"
-    lines = [head, "|---|" + "---|" * len(arms)]
-    for i, row in enumerate(table[arms[0]]):
-        cells = [
-            f"{table[a][i]['accuracy_mean'] * 100:.2f} ({table[a][i]['accuracy_std'] * 100:.2f}),"
-            f" {table[a][i]['cumulative_mb']:.2f}"
-            for a in arms
-        ]
-        lines.append(f"| {row['round']} | " + " | ".join(cells) + " |")
+    """One row per arm: accuracy % mean (std) at each round, and the cumulative MB at the end."""
+    rounds = len(next(iter(table.values())))
+    head = (
+        "| arm | "
+        + " | ".join(f"R{r}" for r in range(rounds))
+        + " | MB after R"
+        + (f"{rounds - 1} |")
+    )
+    lines = [head, "|---|" + "---|" * (rounds + 1)]
+    for arm, rows in table.items():
+        cells = [f"{x['accuracy_mean'] * 100:.1f} ({x['accuracy_std'] * 100:.1f})" for x in rows]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {rows[-1]['cumulative_mb']:.2f} |")
     return "\n".join(lines)
 
 
-def paired(results: dict[str, dict[int, list[dict]]], base: str = "fedavg") -> dict[str, Any]:
-    """Per seed, (arm - base) accuracy at each round: the seeds share data and start model."""
+def paired(arms: dict[str, Any], base: str = "fedavg") -> dict[str, Any]:
+    """Per round, (arm - base) accuracy on each seed: the seeds share data and start model."""
+    if base not in arms:
+        return {}
+    ref = arms[base]["accuracy"]
     out: dict[str, Any] = {}
-    if base not in results:
-        return out
-    for arm, by_seed in results.items():
+    for arm, data in arms.items():
         if arm == base:
             continue
         rows = []
-        for r in range(len(next(iter(by_seed.values())))):
-            diffs = [
-                by_seed[s][r]["global_accuracy"] - results[base][s][r]["global_accuracy"]
-                for s in by_seed
-                if s in results[base]
-            ]
-            rows.append({
-                "round": r,
-                "diff_mean": statistics.fmean(diffs),
-                "diff_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            })  # fmt: skip
+        for r in range(len(ref[0])):
+            diffs = [a[r] - b[r] for a, b in zip(data["accuracy"], ref, strict=True)]
+            rows.append(
+                {"round": r, "per_seed": diffs, "diff_mean": statistics.fmean(diffs),
+                 "diff_std": _sd(diffs)}
+            )  # fmt: skip
         out[f"{arm} - {base}"] = rows
     return out
 
@@ -210,30 +205,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rounds")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    parser.add_argument(
+        "--from-json", type=Path, help="render the table and plot from this JSON; run nothing"
+    )
     args = parser.parse_args()
 
-    base = yaml.safe_load(args.config.read_text())
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = {
-        arm: {s: run_arm(base, arm, s, args.rounds, args.out) for s in args.seeds}
-        for arm in args.arms
-    }
-    table = summarise(results, args.rounds)
-    diffs = paired(results)
-    arms = arms_json(results)
+    if args.from_json:  # render again from an earlier run's JSON, running nothing
+        arms = json.loads(args.from_json.read_text())["arms"]
+    else:
+        base = yaml.safe_load(args.config.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = {
+            arm: {s: run_arm(base, arm, s, args.rounds, args.out) for s in args.seeds}
+            for arm in args.arms
+        }
+        arms = arms_json(results)
+    table = summarise(arms)
+    diffs = paired(arms)
     reach = bytes_to_target(arms)
     text = (
         markdown(table)
-        + "\n\nPaired by seed (accuracy points, mean (std)):\n"
+        + "\n\nPaired by seed against fedavg (accuracy points; mean (std), then each seed):\n"
         + "\n".join(
             f"- {name}: "
-            + ", ".join(
-                f"R{d['round']} {d['diff_mean'] * 100:+.2f} ({d['diff_std'] * 100:.2f})"
-                for d in rows
+            + "; ".join(
+                f"R{d['round']} {d['diff_mean'] * 100:+.1f} ({d['diff_std'] * 100:.1f}) ["
+                + ", ".join(f"{x * 100:+.1f}" for x in d["per_seed"])
+                + "]"
+                for d in rows[1:]
             )  # fmt: skip
             for name, rows in diffs.items()
         )
-        + "\n\nBytes to reach fedavg's last-round accuracy (per seed: round, MB, x fedavg):\n"
+        + "\n\nBytes to reach fedavg's last-round accuracy (per seed: round, MB, x fedavg's):\n"
         + "\n".join(
             f"- {arm}: "
             + ", ".join(
@@ -246,6 +249,7 @@ def main() -> None:
         )
     )
     report = {"arms": arms, "table": table, "paired": diffs, "bytes_to_target": reach}
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rounds_to_accuracy.json").write_text(json.dumps(report, indent=2))
     (args.out / "rounds_to_accuracy.md").write_text(text + "\n")
     plot(table, args.out / "rounds_to_accuracy.png")

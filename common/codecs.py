@@ -509,6 +509,17 @@ class ErrorFeedback:
 
     def __init__(self) -> None:
         self._residual: dict[str, torch.Tensor] = {}
+        self._before: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def start_round(self, round_num: int) -> None:
+        """Call before compressing a round's update. A round trained again (the coordinator
+        restarted before committing it) starts from the residuals its first try started
+        from, so it sends what an uninterrupted run sends."""
+        if self._before is not None and self._before[0] == round_num:
+            self._residual = dict(self._before[1])
+        else:
+            # Tensors in the dict are replaced, never changed in place: a shallow copy holds.
+            self._before = (round_num, dict(self._residual))
 
     def residual(self, name: str) -> torch.Tensor | None:
         """What a lossy codec dropped from tensor ``name`` last time, or None."""

@@ -7,6 +7,7 @@ program with one line that names the key and the expected type.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -124,16 +125,19 @@ class RunConfig:
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+# PyYAML follows YAML 1.1, where a float needs a dot: `lr: 1e-3` arrives as the string "1e-3".
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp`` (ints widen to floats); ConfigError naming ``key`` otherwise."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
         (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(value, inner, key)
+        return coerce_value(value, inner, key)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
@@ -142,13 +146,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce_value(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         return float(value)
     if not ok:
         raise ConfigError(f"{key} must be {_TYPE_NAMES.get(tp, tp.__name__)}, got {value!r}")
@@ -163,7 +169,7 @@ def build_section(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+    return cls(**{k: coerce_value(v, hints[k], prefix + k) for k, v in data.items()})
 
 
 def _check(cfg: RunConfig) -> None:
@@ -242,7 +248,10 @@ def load_config(path: str | Path) -> RunConfig:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        hint = (
+            " (`lssfl init` writes example configs)" if isinstance(exc, FileNotFoundError) else ""
+        )
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}{hint}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 
 def setup_logging(role: str, verbose: bool = False) -> None:
@@ -15,3 +17,18 @@ def setup_logging(role: str, verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
+
+
+def also_log_to(path: Path) -> None:
+    """Copy this process's log lines into ``path`` (the run folder's logs/), unless stderr
+    already goes there (``lssfl run`` sends each process's output to its log file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if os.path.samestat(os.fstat(sys.stderr.fileno()), os.stat(path)):
+            return
+    except (OSError, ValueError):  # no such file yet, or a stderr without a descriptor
+        pass
+    root = logging.getLogger()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
+    root.addHandler(handler)

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
+from lssfl import __version__
+
+# After `pip install`, `lssfl init` writes the configs these examples name.
 EXAMPLES = {
-    "run": "example:\n  lssfl run --config configs/demo.yaml",
+    "init": (
+        "example:\n  lssfl init   # configs/: run.yaml (commented, separate machines) and the demos"
+    ),
+    "run": "example:\n  lssfl init && lssfl run --config configs/demo.yaml",
     "coordinator": (
         "example:\n  lssfl coordinator --config configs/demo.yaml --run-dir runs/hospital-a"
     ),
     "certs": (
         "examples:\n  lssfl certs --out certs --silos silo-1 silo-2 --hosts fl.example.org\n"
-        "  lssfl certs --out certs --config configs/demo.yaml"
+        "  lssfl certs --out certs --config configs/run.yaml --hosts fl.example.org localhost\n"
+        "  lssfl certs add-silo silo-3 --out certs   # the others' files stay valid\n"
+        "  lssfl certs revoke silo-2 --out certs     # a running coordinator refuses it"
     ),
     "config": "example:\n  lssfl config show --config configs/demo.yaml",
     "prepare": "example:\n  lssfl prepare --config configs/demo.yaml",
@@ -23,6 +33,7 @@ EXAMPLES = {
         "  lssfl health localhost:50051 --ca certs/ca.pem --cert certs/silo-1.pem "
         "--key certs/silo-1.key"
     ),
+    "status": "example:\n  lssfl status runs/study-1",
     "silo": (
         "example:\n  lssfl silo --coordinator 10.0.0.5:50051 --silo-id silo-1 --data /data/silo-1"
     ),
@@ -34,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="lssfl", description="Cross-silo federated learning with Local Superior Soups."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"lssfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -72,16 +84,30 @@ def _parser() -> argparse.ArgumentParser:
         help="give up after the coordinator has been unreachable this many seconds (default 300)",
     )
     certs = add(
-        "certs", "Make a demo CA, a coordinator certificate, per-silo certificates and tokens."
+        "certs",
+        "Make a demo CA, a coordinator certificate, per-silo certificates and tokens; "
+        "enrol or revoke a silo later.",
     )
-    certs.add_argument("--out", required=True, type=Path, help="folder to write (security.dir)")
-    who = certs.add_mutually_exclusive_group(required=True)
-    who.add_argument("--silos", nargs="+", help="silo ids")
-    who.add_argument("--config", type=Path, help="take the silo ids from this run config")
+    certs.add_argument(
+        "action", nargs="?", default="new", choices=["new", "add-silo", "revoke"],
+        help="new (default): a new CA and every file; add-silo ID: one more silo with the "
+        "same CA; revoke ID: refuse a silo (revoked.txt)",
+    )  # fmt: skip
+    certs.add_argument("ids", nargs="*", metavar="ID", help="silo ids for add-silo / revoke")
+    certs.add_argument(
+        "--out", type=Path, default=Path("certs"), help="the folder (security.dir; default certs)"
+    )
+    who = certs.add_mutually_exclusive_group()
+    who.add_argument("--silos", nargs="+", help="silo ids (new)")
+    who.add_argument("--config", type=Path, help="take the silo ids from this run config (new)")
     certs.add_argument(
         "--hosts", nargs="+", default=["localhost", "127.0.0.1"],
         help="names and addresses silos dial (default: localhost 127.0.0.1)",
     )  # fmt: skip
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    init = add("init", "Write a commented run config and the example configs to start from.")
+    init.add_argument("--out", type=Path, default=Path("configs"), help="default: configs")
+    init.add_argument("--force", action="store_true", help="replace existing files")
     conf = add("config", "Inspect a run config.")
     conf.add_argument(
         "action", choices=["show"], help="show: the effective config, defaults filled"
@@ -98,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     hc.add_argument("--key", type=Path, help="its private key")
     hc.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
 
+    status = add("status", "Where a run stands (round, phase, silos, bytes), read-only.")
+    status.add_argument("run_dir", type=Path, help="the coordinator's run folder")
+
     from lssfl.partition import register as register_partition
     from lssfl.report.command import register as register_report
 
@@ -109,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``lssfl`` command line; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.command != "coordinator":  # the coordinator routes core's log (server/corelog.py)
+        # gRPC core logs a failed TLS handshake raw, at info level; we say it in one line.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # Imports after parsing: `--help` answers without loading torch.
     # ConfigError, DataError, WireError and CodecError are ValueErrors: one line each, below.
     from lssfl.common.config import load_config
@@ -118,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "silo":
             from lssfl.silo.daemon import CoordinatorUnreachable, SiloDaemon, SiloRefused
 
-            setup_logging(args.silo_id, args.verbose)
+            setup_logging("silo", args.verbose)  # each line names the silo: silo=ID
             try:
                 daemon = SiloDaemon.from_folder(
                     args.coordinator,
@@ -147,42 +179,49 @@ def main(argv: list[str] | None = None) -> int:
             from lssfl.report.command import run as report_run
 
             return report_run(args)
+        if args.command == "status":
+            from lssfl.status import describe
+
+            print(describe(args.run_dir))
+            return 0
         if args.command == "health":
             return _health(args.address, args.ca, args.cert, args.key, args.timeout)
         if args.command == "certs":
-            from lssfl.common.security import make_certs
-
-            silos = args.silos or load_config(args.config).silos
-            make_certs(args.out, silos, args.hosts)
-            print(
-                f"wrote CA, coordinator and {len(silos)} silo certificates and tokens to {args.out}"
-            )
-            return 0
-        from lssfl.training.spec import effective_config, trainer_spec
+            return _certs(args)
+        if args.command == "init":
+            return _init(args.out, args.force)
+        from lssfl.training.spec import check_trainer, effective_config
 
         cfg = load_config(args.config)
-        trainer_spec(cfg.trainer, cfg.source)  # common does not know the trainers' parameters
+        check_trainer(cfg)  # common does not know the trainers' parameters
         if args.command == "config":
             import yaml
 
             print(yaml.safe_dump(effective_config(cfg), sort_keys=False), end="")
             return 0
         if args.command == "prepare":
-            from lssfl.common.data import describe
+            from lssfl.common.data import describe as describe_data
             from lssfl.common.dataroot import prepare_data_root
 
             data = prepare_data_root(cfg)
             if cfg.data.kind == "embedded":
-                print(describe(Path(cfg.data.root)))
+                print(describe_data(Path(cfg.data.root)))
             for silo, folder in data.silo_dirs.items():
                 print(f"{silo}: {folder}")
             return 0
         if args.command == "coordinator":
-            from lssfl.server.app import run_coordinator
+            from lssfl.server.corelog import route_core_log
 
             setup_logging("coordinator", args.verbose)
             run_dir = args.run_dir or Path(cfg.run.out_dir) / cfg.run.name
-            return run_coordinator(cfg, run_dir, args.port)
+            route_core_log(logging.getLogger("lssfl.service"))  # before gRPC starts
+            from lssfl.report import write_report
+            from lssfl.server.app import run_coordinator
+
+            code = run_coordinator(cfg, run_dir, args.port)
+            if code != 2:  # 2: the folder holds another run, left as it was
+                print(f"report: {write_report(run_dir)}", file=sys.stderr)
+            return code
         from lssfl.launcher import launch
 
         return launch(cfg, args.config, args.run_dir)
@@ -190,6 +229,57 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from lssfl.common.config import load_config
+    from lssfl.common.security import CA_CERT, add_silo, make_certs, revoke_silo, silo_files
+
+    out: Path = args.out
+    if args.action == "new":
+        if args.ids:
+            return _fail(f"certs: unexpected {args.ids[0]!r} (add-silo ID or revoke ID?)")
+        if not (args.silos or args.config):
+            return _fail("certs: give the silo ids with --silos or --config")
+        silos = args.silos or load_config(args.config).silos
+        make_certs(out, silos, args.hosts, force=args.force)
+        print(
+            f"wrote a CA (ca.pem, ca.key), a coordinator certificate for {', '.join(args.hosts)} "
+            f"and {len(silos)} silo certificates and tokens to {out}"
+        )
+        return 0
+    if not args.ids:
+        return _fail(f"certs {args.action}: name the silo id(s)")
+    if args.silos or args.config:
+        return _fail(f"certs {args.action}: takes the silo ids as arguments, not --silos/--config")
+    for silo in args.ids:
+        if args.action == "add-silo":
+            add_silo(out, silo, force=args.force)
+            names = ", ".join(p.name for p in silo_files(out, silo))
+            print(f"added {silo}: {names} in {out}; the silo needs those and {CA_CERT}")
+        else:
+            revoke_silo(out, silo)
+            print(f"revoked {silo} in {out}/revoked.txt; a running coordinator refuses it")
+    return 0
+
+
+def _init(out: Path, force: bool) -> int:
+    from importlib.resources import files
+
+    shipped = sorted(
+        (f for f in files("lssfl.configs").iterdir() if f.name.endswith(".yaml")),
+        key=lambda f: (f.name != "run.yaml", f.name),
+    )
+    existing = [out / f.name for f in shipped if (out / f.name).exists()]
+    if existing and not force:
+        return _fail(f"{existing[0]} exists; --force replaces it")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in shipped:
+        (out / f.name).write_text(f.read_text())
+    print(f"wrote {', '.join(str(out / f.name) for f in shipped)}")
+    print(f"{out / 'run.yaml'}: a commented config for separate machines; try the demo with")
+    print(f"  lssfl run --config {out / 'demo.yaml'}")
+    return 0
 
 
 def _health(
@@ -200,6 +290,7 @@ def _health(
 
     from lssfl.common.rpc import SERVICE
     from lssfl.common.security import channel_credentials
+    from lssfl.common.tls_errors import explain_connect_failure
 
     creds = channel_credentials(ca, cert, key)
     channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
@@ -208,6 +299,9 @@ def _health(
             health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout
         )
     except grpc.RpcError as exc:
+        problem = explain_connect_failure(address, exc.details() or "", ca, cert, key)
+        if problem:
+            return _fail(problem)
         return _fail(f"{address}: {exc.code().name}: {exc.details()}", code=1)
     finally:
         channel.close()

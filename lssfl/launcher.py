@@ -14,7 +14,7 @@ from typing import IO
 from lssfl.common.config import RunConfig
 from lssfl.common.dataroot import prepare_data_root
 from lssfl.common.rpc import ADDRESS_FILE
-from lssfl.common.security import CA_CERT, make_certs, silo_files
+from lssfl.common.security import CA_CERT, add_silo, make_certs, silo_files
 from lssfl.report import write_report
 from lssfl.report.runs import read_metrics
 from lssfl.report.tables import COLUMNS, format_line, row
@@ -86,9 +86,14 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
     logs.mkdir(parents=True, exist_ok=True)
     data = prepare_data_root(cfg)  # once, before several processes would race to make it
     sec = cfg.security
-    if sec.dir and not Path(sec.dir).exists():
+    if sec.dir and not (Path(sec.dir) / CA_CERT).exists():
         make_certs(Path(sec.dir), cfg.silos, ["localhost", cfg.coordinator.host])
         print(f"made a demo CA, certificates and tokens in {sec.dir}", flush=True)
+    elif sec.dir:
+        for silo in cfg.silos:  # a silo added to the config gets its files, the others keep theirs
+            if not silo_files(Path(sec.dir), silo)[0].exists():
+                add_silo(Path(sec.dir), silo)
+                print(f"added {silo}'s certificate and token to {sec.dir}", flush=True)
     env = dict(os.environ)
     # Several silos share this machine's cores: one thread each avoids oversubscription.
     silo_env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(cfg.silos)))}
@@ -96,7 +101,7 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
 
     coord = _Proc(
         "coordinator",
-        ["coordinator", "--config", str(config_path), "--run-dir", str(run_dir), "--port", "0"],
+        ["coordinator", "--config", str(config_path), "--run-dir", str(run_dir)],
         logs / "coordinator.log",
         env,
     )
@@ -141,7 +146,8 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
         for p in procs[1:]:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(max(0.1, end - time.monotonic()))
-        report = write_report(run_dir)
+        # The coordinator writes the report when it ends; a crashed one leaves it to us.
+        report = run_dir / "report.html" if code == 0 else write_report(run_dir)
         print(f"report: {report}\nmetrics: {run_dir / 'metrics.jsonl'}\nlogs: {logs}/")
         return code
     except KeyboardInterrupt:

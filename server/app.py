@@ -14,6 +14,7 @@ import yaml
 from lssfl.common.config import RunConfig
 from lssfl.common.dataroot import prepare_data_root
 from lssfl.common.files import atomic_write
+from lssfl.common.logs import also_log_to
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.rpc import ADDRESS_FILE
 from lssfl.common.splits import load_split
@@ -54,6 +55,8 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
         )
         return 2
     store.save_config(yaml.safe_dump(effective_config(cfg), sort_keys=False))
+    # Only now: a folder refused above is left exactly as it was.
+    also_log_to(run_dir / "logs" / "coordinator.log")
     data = prepare_data_root(cfg)
     test = load_split(data.test_dir)
     model = build_model(cfg.model_spec)

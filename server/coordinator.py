@@ -42,7 +42,7 @@ from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.aggregate import check_state, weighted_average
 from lssfl.server.meter import DOWN, UP, Meter, message_sizes
-from lssfl.server.store import RoundStore
+from lssfl.server.store import HEARTBEAT_RECORD_S, RoundStore
 
 log = logging.getLogger("lssfl.coordinator")
 
@@ -67,6 +67,7 @@ class SiloInfo:
     last_seen: float
     state: str = "idle"
     told_done: bool = False
+    recorded_at: float = 0.0  # when its row in the store last followed a heartbeat
 
 
 @dataclass
@@ -288,7 +289,8 @@ class Coordinator:
                     f"silo {silo!r} was not selected for round {round_num}",
                 )
             return
-        self._late[round_num] = self._late.get(round_num, 0) + 1
+        # Counted in the round during which it arrives: that round's record is still to come.
+        self._late[self._round] = self._late.get(self._round, 0) + 1
         log.warning("round=%d silo=%s late result refused", round_num, silo)
         raise RpcError(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -309,6 +311,11 @@ class Coordinator:
             info.state = req.state or info.state
             reply = cpb.HeartbeatReply(current_round=self._round)
             self._meter_call(self._round, req.silo_id, req, reply)
+            record = info.last_seen - info.recorded_at >= HEARTBEAT_RECORD_S
+            if record:
+                info.recorded_at = info.last_seen
+        if record:  # for `lssfl status`
+            self.store.set_silo(req.silo_id, info.state, info.num_samples, info.device)
         return reply
 
     def _meter_call(
@@ -418,6 +425,8 @@ class Coordinator:
             if problem:
                 raise RuntimeError(f"checkpoint of round {done} does not fit the model: {problem}")
             self.global_state = {k: state[k] for k in self.global_state}
+            if self.cfg.compression.delta_downlink:
+                self._broadcast = self.store.held_model(done)
             self._round = first = done + 1
             self.store.rewrite_metrics()
             self._last_record = self.store.records()[-1]
@@ -541,7 +550,10 @@ class Coordinator:
             silos=silos,
         )
         self._last_record = record
-        self.store.commit_round(self.global_state, record)
+        # With a delta downlink the next round is encoded against what silos hold now: stored
+        # with the round, so a resumed run sends the same bytes as an uninterrupted one.
+        held = self._broadcast if self.cfg.compression.delta_downlink else None
+        self.store.commit_round(self.global_state, record, held)
         log.info(
             "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
             round_num,

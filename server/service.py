@@ -13,7 +13,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lssfl.common.config import SecuritySection
 from lssfl.common.rpc import GRPC_OPTIONS, SERVICE, add_coordinator_servicer
-from lssfl.common.security import CA_CERT, SERVER_CERT, SERVER_KEY, TOKEN_HEADER, TOKENS, TokenTable
+from lssfl.common.security import (
+    CA_CERT,
+    REVOKED,
+    SERVER_CERT,
+    SERVER_KEY,
+    TOKEN_HEADER,
+    TOKENS,
+    RevokedFile,
+    TokenTable,
+)
 from lssfl.common.wire import Message, WireError, read_header
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
@@ -28,6 +37,8 @@ class Gatekeeper:
 
     def __init__(self, security: SecuritySection) -> None:
         self.revoked = set(security.revoked)
+        # `lssfl certs revoke` writes this file; it counts from the next call, no restart.
+        self.revoked_file = RevokedFile(Path(security.dir) / REVOKED) if security.dir else None
         self.mutual_tls = security.mutual_tls
         self.tokens = (
             TokenTable.load(Path(security.dir) / TOKENS)
@@ -37,7 +48,7 @@ class Gatekeeper:
 
     def check(self, context: grpc.ServicerContext, silo_id: str) -> None:
         """Refuse (RpcError) a caller that is not ``silo_id`` or is revoked."""
-        if silo_id in self.revoked:
+        if silo_id in self.revoked or (self.revoked_file and silo_id in self.revoked_file):
             log.warning("refused revoked silo %r (%s)", silo_id, context.peer())
             raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"silo {silo_id!r} is revoked")
         if self.tokens is not None:

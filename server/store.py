@@ -14,6 +14,8 @@ Layout of ``runs/<run-id>/``:
     config.yaml            the effective config
     metrics.jsonl          one JSON object per committed round (round 0: the initial model)
     checkpoints/round-NNNN.safetensors   global model after each round
+    checkpoints/held-NNNN.safetensors    with a delta downlink: what silos hold after the
+                                         last round's download (its next delta's base)
     final_model.safetensors + model.json  the last global model and its architecture
     uploads/round-NNNN/<silo>.safetensors  decoded uploads, when save_uploads is on
 """
@@ -200,12 +202,28 @@ class RoundStore:
         """Where the global model after ``round_num`` is kept."""
         return self.run_dir / "checkpoints" / f"round-{round_num:04d}.safetensors"
 
-    def commit_round(self, state: dict[str, torch.Tensor], record: RoundRecord) -> None:
-        """Checkpoint, then the round's rows in one transaction, then metrics.jsonl."""
+    def held_path(self, round_num: int) -> Path:
+        """Where the model silos hold after ``round_num``'s download is kept (delta downlink)."""
+        return self.run_dir / "checkpoints" / f"held-{round_num:04d}.safetensors"
+
+    def commit_round(
+        self,
+        state: dict[str, torch.Tensor],
+        record: RoundRecord,
+        held: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Checkpoint (and ``held``, the model silos hold after this round's download, when a
+        delta downlink makes it differ), then the round's rows in one transaction, then
+        metrics.jsonl."""
         r = record.round
         data = state_bytes(state, {"round": str(r)})
         path = self.checkpoint_path(r)
         atomic_write(path, data, crash_tag=f"checkpoint:{r}")
+        held_row = []
+        if held is not None:
+            held_data = state_bytes(held, {"round": str(r)})
+            atomic_write(self.held_path(r), held_data)
+            held_row = [("held", f"{r}:{hashlib.sha256(held_data).hexdigest()}")]
         crash_point(f"commit:{r}")
         line = json.dumps(record.to_dict())
         with self._lock, self._db:
@@ -227,10 +245,13 @@ class RoundStore:
                     for s in record.silos
                 ],
             )  # fmt: skip
-            self._db.execute(
-                "INSERT OR REPLACE INTO run (key, value) VALUES ('round', ?), ('phase', ?)",
-                (str(r), "committed"),
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)",
+                [("round", str(r)), ("phase", "committed"), *held_row],
             )
+        if held is not None:
+            self.held_path(r - 1).unlink(missing_ok=True)  # only the last one is ever read
+        crash_point(f"metrics:{r}")
         with open(self.metrics_path, "a") as f:
             f.write(line + "\n")
             f.flush()
@@ -256,6 +277,17 @@ class RoundStore:
         if hashlib.sha256(data).hexdigest() != digest:
             raise StoreError(f"checkpoint {name} does not match its recorded SHA-256")
         return r, st_load(data)
+
+    def held_model(self, round_num: int) -> dict[str, torch.Tensor] | None:
+        """What silos held after ``round_num``'s download, if it was stored with that round."""
+        value = self.get("held")
+        if value is None or int(value.split(":")[0]) != round_num:
+            return None
+        path = self.held_path(round_num)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != value.split(":")[1]:
+            raise StoreError(f"{path.name} does not match its recorded SHA-256")
+        return st_load(data)
 
     def rewrite_metrics(self) -> None:
         """Make metrics.jsonl exactly the committed rounds (drops a line a crash left)."""
@@ -286,3 +318,49 @@ class RoundStore:
         """Write final_model.safetensors and model.json."""
         save_state(self.run_dir / "final_model.safetensors", state)
         atomic_write(self.run_dir / "model.json", json.dumps(model_spec, indent=2).encode())
+
+
+# `lssfl status` reads silo rows; the coordinator refreshes a silo's row from its heartbeats
+# at most this often (each write is an fsync).
+HEARTBEAT_RECORD_S = 5.0
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """A run folder's state.db, opened read-only: what ``lssfl status`` prints.
+
+    ValueError (one line) when the folder holds no run. Safe while a coordinator writes.
+    """
+    path = run_dir / "state.db"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} holds no run (no state.db)")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        run = dict(db.execute("SELECT key, value FROM run").fetchall())
+        committed = db.execute(
+            "SELECT COUNT(*), MAX(round), SUM(bytes_down), SUM(bytes_up) FROM rounds"
+        ).fetchone()
+        last = db.execute(
+            "SELECT round, status, global_accuracy FROM rounds ORDER BY round DESC LIMIT 1"
+        ).fetchone()
+        silos = db.execute(
+            "SELECT silo_id, status, num_samples, device, updated_at FROM silos ORDER BY silo_id"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    finally:
+        db.close()
+    return {
+        "run_id": run.get("run_id", run_dir.name),
+        "round": int(run.get("round", 0)),
+        "phase": run.get("phase", "starting"),
+        "rounds_committed": committed[0],
+        "bytes_down": committed[2] or 0,
+        "bytes_up": committed[3] or 0,
+        "last_round": None
+        if last is None
+        else {"round": last[0], "status": last[1], "global_accuracy": last[2]},
+        "silos": [
+            {"silo_id": r[0], "status": r[1], "num_samples": r[2], "device": r[3], "seen_at": r[4]}
+            for r in silos
+        ],
+    }

@@ -27,6 +27,7 @@ from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
 from lssfl.common.splits import Split, load_split
+from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
 from lssfl.common.wire import (
     FP32,
     DecodedModel,
@@ -90,8 +91,12 @@ class SiloDaemon:
         max_wait_s: float = 300.0,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        tls_files: tuple[Path | None, Path | None, Path | None] | None = None,
     ) -> None:
+        """``tls_files``: the (ca, cert, key) paths behind ``credentials`` (None each for
+        plaintext), to explain a failed handshake; None: not known, not explained."""
         self.address = coordinator
+        self._tls_files = tls_files
         self.silo_id = silo_id
         self.data = data
         self.device = device
@@ -131,12 +136,20 @@ class SiloDaemon:
         credentials = channel_credentials(ca, cert, key)
         token = read_secret(token_file, "token file").decode().strip() if token_file else None
         return cls(
-            coordinator, silo_id, data, resolve_device(device), max_wait_s, credentials, token
+            coordinator,
+            silo_id,
+            data,
+            resolve_device(device),
+            max_wait_s,
+            credentials,
+            token,
+            (ca, cert, key),
         )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` until it answers; backoff while the coordinator is unreachable."""
         delay, since = 0.5, time.monotonic()
+        suspected: str | None = None
         while True:
             try:
                 return fn()
@@ -148,13 +161,23 @@ class SiloDaemon:
                     raise _Rejoin(exc.details()) from None
                 if code not in RETRY_CODES:
                     raise
+                if self._tls_files is not None:
+                    problem = explain_connect_failure(self.address, exc.details(), *self._tls_files)
+                    # Twice in a row: a coordinator caught mid-restart does not end a silo.
+                    if problem and problem == suspected:
+                        raise TlsMisconfigured(problem) from None
+                    suspected = problem
                 waited = time.monotonic() - since
                 if waited > self.max_wait_s:
                     raise CoordinatorUnreachable(
                         f"coordinator {self.address} unreachable for {waited:.0f} s ({what})"
                     ) from None
                 log.warning(
-                    "%s: coordinator unavailable (%s); retrying in %.1f s", what, code.name, delay
+                    "silo=%s %s: %s; retrying in %.1f s",
+                    self.silo_id,
+                    what,
+                    suspected or f"coordinator unavailable ({code.name})",
+                    delay,
                 )
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
@@ -317,6 +340,8 @@ class SiloDaemon:
         )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         codec = parse_codec(task.uplink_codec or "fp32")
+        if codec.topk is not None:
+            self._feedback.start_round(r)
         # Lossy codecs send the update against what was received: small, centred values.
         # Top-k keeps what it dropped for the next round (error feedback).
         tensors = (

@@ -90,3 +90,10 @@ def test_rounds_to_accuracy_json_and_bytes_to_target() -> None:
     assert reach["lss-int8"]["per_seed"][1]["round"] is None
     assert reach["lss-int8"]["max_ratio"] is None
     assert reach["fedavg"]["max_ratio"] == 1.0
+    diffs = rta.paired(arms)["lss-int8 - fedavg"]
+    assert diffs[1]["per_seed"] == pytest.approx([0.3, 0.1])
+    assert diffs[2]["diff_mean"] == pytest.approx(0.05)
+    table = rta.summarise(arms)
+    assert table["lss-int8"][1]["accuracy_mean"] == pytest.approx(0.45)
+    assert table["fedavg"][2]["cumulative_mb"] == pytest.approx(400 / 1e6)
+    assert "| lss-int8 | 10.0 (0.0) | 45.0 (7.1) | 60.0 (14.1) |" in rta.markdown(table)

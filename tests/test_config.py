@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from lssfl.common.config import ConfigError, load_config, parse_config
-from lssfl.training.spec import trainer_spec
+from lssfl.training.spec import check_trainer, trainer_spec
 
 BASE = {"silos": ["a", "b"], "trainer": {"name": "fedavg", "epochs": 1}}
 
@@ -122,3 +122,27 @@ def test_config_show_prints_every_default(tmp_path):
     assert shown["coordinator"]["round_deadline_s"] == 300.0
     # What it prints is itself a valid config.
     assert parse_config(shown).trainer == shown["trainer"]
+
+
+def test_yaml_exponent_floats_are_numbers_in_every_float_field(tmp_path):
+    # PyYAML reads `1e-3` (no dot) as a string; every float key, the trainer's included,
+    # must take it as the number it means.
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "silos: [a]\n"
+        "coordinator: {round_deadline_s: 3e2, max_upload_mb: 1E3}\n"
+        "data: {alpha: 5e-1}\n"
+        "trainer: {name: lss, lr: 1e-3, lambda_a: 1e1}\n"
+    )
+    cfg = load_config(path)
+    check_trainer(cfg)  # the trainer's keys are typed by the trainer (lssfl.training.spec)
+    assert cfg.coordinator.round_deadline_s == 300.0 and cfg.coordinator.max_upload_mb == 1000.0
+    assert cfg.data.alpha == 0.5
+    assert cfg.trainer["lr"] == 0.001 and cfg.trainer["lambda_a"] == 10.0
+    assert isinstance(cfg.trainer["lr"], float)
+    for bad in ("1e-3x", "fast", ""):
+        with pytest.raises(ConfigError, match=f"trainer.lr must be a number, got '{bad}'"):
+            check_trainer(parse_config({**BASE, "trainer": {"name": "fedavg", "lr": bad}}))
+    # Integers stay integers: "1e3" is no epoch count.
+    with pytest.raises(ConfigError, match="trainer.epochs must be an integer"):
+        check_trainer(parse_config({**BASE, "trainer": {"name": "fedavg", "epochs": "1e3"}}))

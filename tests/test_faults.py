@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
 from tests.conftest import free_port, lssfl_cmd, make_config, read_jsonl, wait_for
@@ -54,8 +55,9 @@ class Cluster:
             lssfl_cmd(*args), stdout=log, stderr=subprocess.STDOUT, env=env
         )
 
-    def coordinator(self, crash_at: str | None = None) -> None:
-        args = ["coordinator", "--config", str(self.config), "--run-dir", str(self.run_dir)]
+    def coordinator(self, crash_at: str | None = None, config: Path | None = None) -> None:
+        config = config or self.config
+        args = ["coordinator", "--config", str(config), "--run-dir", str(self.run_dir)]
         self._start("coordinator", [*args, "--port", str(self.port)], crash_at)
 
     def silo(self, silo: str, crash_at: str | None = None) -> None:
@@ -90,10 +92,17 @@ def base(tmp_path_factory):
     return root, config
 
 
-def _run(cluster: Cluster, coordinator_crash: str | None = None, silo_crash=None, kill=None):
-    """Run to the end; a crash (or kill) of the coordinator is followed by one restart."""
+def _run(
+    cluster: Cluster,
+    coordinator_crash: str | None = None,
+    silo_crash=None,
+    kill=None,
+    first_config: Path | None = None,
+):
+    """Run to the end; a crash (or kill) of the coordinator is followed by one restart
+    (with the cluster's config; ``first_config`` for the start before the crash)."""
     try:
-        cluster.coordinator(coordinator_crash)
+        cluster.coordinator(coordinator_crash, first_config)
         for silo in SILOS:
             cluster.silo(silo, silo_crash if silo == "silo-2" else None)
         if kill:
@@ -121,6 +130,28 @@ def reference(base):
     return cluster.final()
 
 
+# LSS, a lossy delta downlink and top-k uplink with error feedback in one run: what silos
+# hold and the residuals they keep are the state a resumed run must get exactly right.
+CODEC_SECTIONS = {
+    **SECTIONS,
+    "trainer": {"name": "lss", "pool_size": 2, "epochs_per_member": 1, "lr": 0.003},
+    "compression": {"uplink": "topk0.1+int8", "downlink": "fp16", "delta_downlink": True},
+}
+
+
+@pytest.fixture(scope="module")
+def codec_reference(base):
+    root, _ = base
+    config = make_config(root, "codecs.yaml", **CODEC_SECTIONS)
+    # make_config merges sections into its defaults: drop fedavg's `epochs`, which lss lacks.
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"] = CODEC_SECTIONS["trainer"]
+    config.write_text(yaml.safe_dump(cfg))
+    cluster = Cluster(root, config, "codec-reference")
+    _run(cluster)
+    return config, cluster.final()
+
+
 def _check(cluster: Cluster, reference: dict) -> None:
     con = sqlite3.connect(cluster.run_dir / "state.db")
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -143,6 +174,58 @@ def test_coordinator_killed_and_resumed_matches_uninterrupted(tmp_path, base, re
     assert "resuming run" in cluster.log_text("coordinator")
     assert "joining again" in cluster.log_text("silo-1")
     _check(cluster, reference)
+
+
+def test_lss_delta_downlink_and_topk_feedback_resume_bit_exact(tmp_path, codec_reference):
+    """Killed after every round-2 upload arrived: round 2 runs again. The silos, still up,
+    start it from the residuals they held before its first try, and the resumed coordinator
+    sends the delta against what they hold after round 1 (stored with that round)."""
+    config, reference = codec_reference
+    cluster = Cluster(tmp_path, config, "codec-crash")
+    _run(cluster, coordinator_crash="aggregate:2")
+    assert "resuming run" in cluster.log_text("coordinator")
+    assert cluster.log_text("silo-1").count("round=2 silo=silo-1 uploaded") == 2
+    _check(cluster, reference)
+    records = read_jsonl(cluster.run_dir / "metrics.jsonl")
+    assert all(r["codec_up"] == "topk0.1+int8" and r["delta_downlink"] for r in records)
+
+
+def test_crash_between_commit_and_metrics_line_then_resume_with_more_rounds(
+    tmp_path, base, reference
+):
+    """A run of ROUNDS - 1 rounds is killed after its last round's database commit, before
+    that round's metrics.jsonl line; resumed with ROUNDS rounds, it rewrites the file and ends
+    where an uninterrupted run of ROUNDS rounds ends."""
+    root, config = base
+    shorter = make_config(root, "shorter.yaml", **{**SECTIONS, "run": {"rounds": ROUNDS - 1}})
+    cluster = Cluster(tmp_path, config, "crash-metrics")
+    _run(cluster, coordinator_crash=f"metrics:{ROUNDS - 1}", first_config=shorter)
+    assert f"after committed round {ROUNDS - 1}" in cluster.log_text("coordinator")
+    _check(cluster, reference)
+
+
+@pytest.mark.parametrize(
+    "section, change, named",
+    [
+        ("data", {"data": {"alpha": 0.5}}, "data.alpha: None -> 0.5"),
+        ("model", {"model": {"init": "random", "pretrain_epochs": 3}}, "model.pretrain_epochs"),
+        ("trainer", {"trainer": {"name": "fedprox", "epochs": 1, "lr": 0.003}}, "trainer.name"),
+        ("silos", {"silos": [*SILOS, "silo-3"]}, "silos: ['silo-1', 'silo-2'] -> "),
+        ("seed", {"run": {"rounds": ROUNDS, "seed": 1}}, "seed: 0 -> 1"),
+    ],
+)
+def test_each_changed_key_is_refused_on_resume(base, reference, caplog, section, change, named):
+    from lssfl.common.config import load_config
+    from lssfl.server.app import run_coordinator
+
+    root, _ = base
+    changed = make_config(root, f"changed-{section}.yaml", **{**SECTIONS, **change})
+    run_dir = root / "reference"
+    before = (run_dir / "state.db").read_bytes()
+    assert run_coordinator(load_config(changed), run_dir) == 2
+    assert "holds a run with a different config" in caplog.text
+    assert named in caplog.text
+    assert (run_dir / "state.db").read_bytes() == before
 
 
 def test_coordinator_killed_during_training(tmp_path, base, reference):

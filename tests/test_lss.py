@@ -512,7 +512,7 @@ def test_a_collapsed_pool_is_reported(caplog: pytest.LogCaptureFixture) -> None:
         )
     assert metrics["min_member_distance"] == 0.0
     (line,) = [r.getMessage() for r in caplog.records]
-    assert "the pool collapsed" in line and "lambda_a" in line
+    assert "the pool collapsed" in line and "lower lambda_a" in line
     caplog.clear()
     with caplog.at_level("WARNING", logger="lssfl.training"):
         LSSTrainer(pool_size=3, epochs_per_member=1, batch_size=16, lr=1e-2).train(

@@ -8,31 +8,49 @@ import grpc
 import pytest
 import torch
 
+from lssfl.common.codecs import parse_codec
 from lssfl.common.config import parse_config
-from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
-from lssfl.common.wire import decode_model, encode_model, parse_chunk
+from lssfl.common.rpc import CHANNEL_OPTIONS, SERVICE, coordinator_stub
+from lssfl.common.wire import decode_model, encode_model, pack_state, parse_chunk, stream_tensors
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.service import serve
-from lssfl.server.store import RoundStore
+from lssfl.server.store import RoundStore, state_bytes
+from tests.conftest import read_jsonl
 
 
 class Harness:
-    def __init__(self, tmp_path, state, silos=("s1", "s2"), deadline=30.0, **coordinator):
+    def __init__(
+        self,
+        tmp_path,
+        state,
+        silos=("s1", "s2"),
+        deadline=30.0,
+        compression=None,
+        security=None,
+        credentials=None,
+        **coordinator,
+    ):
         cfg = parse_config(
             {
                 "silos": list(silos),
                 "coordinator": {"min_silos": 1, "round_deadline_s": deadline, **coordinator},
                 "model": {"name": "mlp", "init": "random"},
                 "data": {"kind": "folders"},
+                "compression": compression or {},
+                "security": security or {},
             }
         )
-        self.coordinator = Coordinator(
-            cfg, RoundStore(tmp_path), state, lambda s: (0.0, 0.0), run_id="run1"
+        self.store = RoundStore(tmp_path)
+        self.coordinator = Coordinator(cfg, self.store, state, lambda s: (0.0, 0.0), run_id="run1")
+        self.server, self.port = serve(self.coordinator, "127.0.0.1", 0)
+        target = f"127.0.0.1:{self.port}"
+        self.channel = (
+            grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            if credentials
+            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         )
-        self.server, port = serve(self.coordinator, "127.0.0.1", 0)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
         self.stub = coordinator_stub(self.channel)
         self.thread = None
 
@@ -160,7 +178,9 @@ def test_bad_uploads_are_refused_and_the_round_still_completes(small, caplog):
         assert f"rejected upload: {details.removeprefix('bad upload stream: ')}" in caplog.text
     # Still serving, and the good results make the round.
     assert h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}).accepted
-    assert h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}).message.startswith("duplicate")
+    # A second upload from s1 with other values is acknowledged and ignored: the first stays.
+    again = h.upload({"w": 100 * torch.ones(8, 4), "n": torch.tensor(99)})
+    assert again.accepted and again.message == "duplicate upload ignored"
     assert h.upload({"w": 3 * torch.ones(8, 4), "n": torch.tensor(7)}, silo="s2").accepted
     h.thread.join(10)
     assert torch.equal(h.coordinator.global_state["w"], 2 * torch.ones(8, 4))
@@ -176,7 +196,7 @@ def test_results_for_a_closed_round_are_refused_and_counted(small):
     h.thread.join(10)
     code, details = _code(lambda: h.upload(state, round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
-    assert h.coordinator._late[1] == 1
+    assert h.coordinator._late == {1: 1}
     code, _ = _code(lambda: h.download(round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -204,8 +224,14 @@ def test_replayed_upload_from_an_earlier_round_is_refused(small):
     # s1 replays its round-1 upload while round 2 is open: refused, counted, not aggregated.
     code, details = _code(lambda: h.upload(state, round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
-    assert h.coordinator._late[1] == 1
     assert h.coordinator._results == {}
+    h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}, round_num=2)
+    h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}, silo="s2", round_num=2)
+    h.thread.join(10)
+    # Counted in the record of the round during which it arrived, as metrics.jsonl has it.
+    records = read_jsonl(h.store.metrics_path)
+    assert [(r["round"], r["late_refused"]) for r in records] == [(1, 0), (2, 1)]
+    assert torch.equal(h.coordinator.global_state["w"], torch.ones(8, 4))
 
 
 def test_over_selection_uses_the_first_k_results(tmp_path):
@@ -229,3 +255,123 @@ def test_over_selection_uses_the_first_k_results(tmp_path):
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "closed" in details
     finally:
         h.close()
+
+
+def test_round_with_fewer_than_min_silos_keeps_the_model_and_is_recorded_insufficient(tmp_path):
+    state = {"w": torch.randn(8, 4), "n": torch.tensor(3)}
+    h = Harness(tmp_path, state, min_silos=2, deadline=1.0)
+    try:
+        h.join("s1", "s2")
+        h.open_round()
+        assert h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}).accepted
+        h.thread.join(30)  # s2 never answers: the round closes at its deadline
+        assert not h.thread.is_alive()
+    finally:
+        h.close()
+    checkpoint = h.store.checkpoint_path(1).read_bytes()
+    assert checkpoint == state_bytes(state, {"round": "1"})  # the initial model, byte for byte
+    (record,) = read_jsonl(h.store.metrics_path)
+    assert record["status"] == "insufficient" and record["num_results"] == 1
+    assert record["missing"] == ["s2"]
+    assert [(s["silo_id"], s["status"]) for s in record["silos"]] == [
+        ("s1", "ok"),
+        ("s2", "missing"),
+    ]
+
+
+def test_upload_over_max_upload_mb_is_refused_by_the_service(tmp_path):
+    state = {"w": torch.zeros(64, 64)}  # 16 KiB of fp32
+    h = Harness(tmp_path, state, silos=("s1",), max_upload_mb=0.01)
+    try:
+        h.join("s1")
+        h.open_round()
+        code, details = _code(lambda: h.upload({"w": torch.ones(64, 64)}))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "stream exceeds the size limit" in details
+        assert h.coordinator._results == {}
+        # Still serving: the same values as an int8 update (4 KiB + scales) fit the limit.
+        header = pb.ModelChunk(
+            upload=pb.UploadHeader(run_id="run1", round=1, silo_id="s1", num_samples=10)
+        )
+        update = pack_state({"w": torch.ones(64, 64)}, parse_codec("int8"), state)
+        assert h.upload(None, messages=stream_tensors(update, header)).accepted
+        h.thread.join(10)
+        assert torch.equal(h.coordinator.global_state["w"], torch.ones(64, 64))
+    finally:
+        h.close()
+
+
+def test_each_round_is_encoded_once_and_every_silo_gets_the_same_bytes(tmp_path, monkeypatch):
+    import lssfl.server.coordinator as coordinator_module
+
+    encodes = []
+    real_pack_state = coordinator_module.pack_state
+
+    def counting_pack_state(*args, **kwargs):
+        encodes.append(args[1].name if len(args) > 1 else "fp32")
+        return real_pack_state(*args, **kwargs)
+
+    monkeypatch.setattr(coordinator_module, "pack_state", counting_pack_state)
+    silos = ("s1", "s2", "s3")
+    state = {"w": torch.randn(64, 32), "n": torch.tensor(3)}
+    compression = {"downlink": "int8", "delta_downlink": True}
+    h = Harness(tmp_path, state, silos=silos, compression=compression)
+
+    def raw_download(silo, round_num, have_round=None):
+        """The download's messages as the bytes that arrived."""
+        call = h.channel.unary_stream(
+            f"/{SERVICE}/DownloadModel",
+            request_serializer=cpb.DownloadRequest.SerializeToString,
+            response_deserializer=bytes,
+        )
+        request = cpb.DownloadRequest(silo_id=silo, run_id="run1", round=round_num)
+        if have_round is not None:
+            request.have_round = have_round
+        return list(call(request, timeout=10))
+
+    try:
+        h.join(*silos)
+        h.open_round(1)
+        assert encodes == ["fp32"]  # round 1: nobody holds a model yet, so only the whole one
+        first = [raw_download(s, 1) for s in silos]
+        assert first[0] == first[1] == first[2]
+        for s in silos:
+            assert h.upload({"w": torch.ones(64, 32), "n": torch.tensor(4)}, silo=s).accepted
+        h.thread.join(10)
+        h.open_round(2)
+        # Round 2: the change against round 1 (int8) and the whole model for silos without it.
+        assert encodes == ["fp32", "int8", "fp32"]
+        deltas = [raw_download(s, 2, have_round=1) for s in silos]
+        whole = raw_download("s1", 2)
+        assert deltas[0] == deltas[1] == deltas[2] != whole
+        assert encodes == ["fp32", "int8", "fp32"]  # downloads encoded nothing more
+    finally:
+        h.close()
+
+
+def test_held_model_is_stored_with_its_round_and_checked_on_read(tmp_path):
+    from lssfl.common.records import RoundRecord
+    from lssfl.server.store import StoreError
+
+    store = RoundStore(tmp_path)
+    record = {
+        "status": "ok", "algorithm": "fedavg", "global_accuracy": 0.0, "global_loss": 0.0,
+        "bytes_down": 0, "bytes_down_raw": 0, "bytes_down_payload": 0, "bytes_up": 0,
+        "bytes_up_raw": 0, "bytes_up_payload": 0, "cum_bytes_down": 0, "cum_bytes_up": 0,
+        "codec_down": "fp32", "codec_up": "fp32", "delta_downlink": True, "wall_seconds": 0.0,
+        "num_results": 0, "missing": [], "late_refused": 0, "silos": [],
+    }  # fmt: skip
+    for r in (1, 2):
+        held = {"w": torch.full((3,), float(r))}
+        store.commit_round(
+            {"w": torch.zeros(3)}, RoundRecord.from_dict({**record, "round": r}), held
+        )
+    # Only the last round's is kept, and only it is read back.
+    assert not store.held_path(1).exists() and store.held_model(1) is None
+    assert torch.equal(store.held_model(2)["w"], torch.full((3,), 2.0))
+    data = bytearray(store.held_path(2).read_bytes())
+    data[-1] ^= 0xFF
+    store.held_path(2).write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="held-0002.safetensors does not match its recorded"):
+        store.held_model(2)
+    store.close()

@@ -471,12 +471,15 @@ class LSSTrainer:
             state.pool.finish_member()
         soup = self.load_result(model, state)
         diagnostics = pool_diagnostics(state.pool, soup, state.soup)
+        diagnostics["reg_to_loss_grad"] = sum(ratios) / len(ratios) if ratios else 0.0
         if self.pool_size > 1 and diagnostics["min_member_distance"] < COLLAPSE_RMS:
             log.warning(
-                "lss: the pool collapsed: its closest members are %.1e apart (RMS, < %.0e), so "
-                "the soup is one model; lower lambda_a (%g) or raise lr (%g)",
+                "lss: the pool collapsed: its closest members are %.1e apart (RMS, under %.0e), "
+                "so the soup is close to one model; the regulariser's gradient is %.1fx the "
+                "loss's (lambda_a %g, lr %g): lower lambda_a or raise lr if members should differ",
                 diagnostics["min_member_distance"],
                 COLLAPSE_RMS,
+                diagnostics["reg_to_loss_grad"],
                 self.lambda_a,
                 self.lr,
             )
@@ -484,7 +487,6 @@ class LSSTrainer:
             "train_loss": ce_total / max(seen, 1),
             "reg_loss": reg_total / max(steps, 1),
             **diagnostics,
-            "reg_to_loss_grad": sum(ratios) / len(ratios) if ratios else 0.0,
         }
 
     def prepare(self, model: nn.Module, x: Tensor, y: Tensor) -> RoundState:

@@ -9,11 +9,18 @@ the section with ``trainer_spec`` before using it.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from typing import Any
 
-from lssfl.common.config import ConfigError, RunConfig, build_section, config_to_dict
-from lssfl.training.trainers import make_trainer
+from lssfl.common.config import (
+    ConfigError,
+    RunConfig,
+    build_section,
+    coerce_value,
+    config_to_dict,
+)
+from lssfl.training.trainers import TRAINERS, make_trainer
 
 
 def trainer_spec(section: Mapping[str, Any], source: str = "") -> dict[str, Any]:
@@ -35,6 +42,22 @@ def trainer_spec(section: Mapping[str, Any], source: str = "") -> dict[str, Any]
         raise ConfigError(f"{prefix}{exc}") from None
     params = dataclasses.asdict(trainer)  # type: ignore[call-overload]  # every trainer is one
     return {"name": section["name"], **params}
+
+
+def check_trainer(cfg: RunConfig) -> None:
+    """Type ``cfg.trainer``'s values like any other key (``lr: 1e-3``, a string to YAML 1.1,
+    becomes 0.001) and check the section; ConfigError naming the key."""
+    trainer_cls = TRAINERS.get(str(cfg.trainer.get("name")))
+    if trainer_cls is not None:
+        hints = typing.get_type_hints(trainer_cls)
+        try:
+            cfg.trainer = {
+                k: coerce_value(v, hints[k], f"trainer.{k}") if k in hints else v
+                for k, v in cfg.trainer.items()
+            }
+        except ConfigError as exc:
+            raise ConfigError(f"{cfg.source}: {exc}" if cfg.source else str(exc)) from None
+    trainer_spec(cfg.trainer, cfg.source)
 
 
 def effective_config(cfg: RunConfig) -> dict[str, Any]:

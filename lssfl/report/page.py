@@ -248,8 +248,8 @@ def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, 
             '<p class="note">Per silo: RMS distance of the uploaded soup to the model it '
             "received / smallest RMS distance between two pool members / regulariser-to-loss "
             f"gradient norm ratio. Red: the pool collapsed (closest members under "
-            f"{COLLAPSE_RMS:g}), so the soup is one model and lambda_a is too strong; a ratio "
-            "near 0 means the regulariser does nothing.</p>"
+            f"{COLLAPSE_RMS:g}), so the soup is close to one model: lambda_a is strong for the "
+            "learning rate; a ratio near 0 means the regulariser does nothing.</p>"
         )
         for run, table in pools:
             if table:
