@@ -22,9 +22,10 @@ import torch
 import yaml
 
 from lssfl.common.config import parse_config
-from lssfl.common.data import load_split, materialize_embedded
+from lssfl.common.data import materialize_embedded
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.seeding import derive_seed
+from lssfl.common.splits import load_split
 from lssfl.server.aggregate import weighted_average
 from lssfl.server.initial import initial_state
 from lssfl.training.trainers import make_trainer

@@ -32,7 +32,6 @@ from lssfl.common.splits import (
     META_FILE,
     NUM_CLASSES,
     SILO_DIR_RE,
-    load_split,  # noqa: F401  (bench/lss_sweep.py and server/initial.py import it from here)
     remove_stale_silos,
     save_split,
 )

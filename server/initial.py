@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lssfl.common.config import RunConfig
-from lssfl.common.data import load_split
 from lssfl.common.models import build_model, evaluate, head_linear
 from lssfl.common.seeding import derive_seed
+from lssfl.common.splits import load_split
 from lssfl.server.store import save_state
 from lssfl.training.trainers import FedAvgTrainer
 
@@ -27,6 +27,11 @@ log = logging.getLogger("lssfl.coordinator")
 
 
 def initial_state(cfg: RunConfig, pretrain_dir: Path | None) -> dict[str, torch.Tensor]:
+    """The round-0 global model for ``cfg``: pretrained weights, random, or pre-trained here.
+
+    ``model.init: pretrain`` trains on ``pretrain_dir`` (cached there by a key of everything
+    the weights depend on) and then initialises the head again.
+    """
     if cfg.model.init == "pretrained":
         from lssfl.common.pretrained import pretrained_model
 

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -112,15 +113,18 @@ class FlatLayout:
     shapes: tuple[torch.Size, ...]
 
     @classmethod
-    def of(cls, named: list[tuple[str, Tensor]]) -> FlatLayout:
+    def of(cls, named: Sequence[tuple[str, Tensor]]) -> FlatLayout:
+        """The layout of ``named`` (name, tensor) pairs, in that order."""
         return cls(tuple(n for n, _ in named), tuple(t.shape for _, t in named))
 
     @property
     def numels(self) -> list[int]:
+        """Element count of each parameter."""
         return [math.prod(s) for s in self.shapes]
 
     @property
     def dim(self) -> int:
+        """D, the length of the flat vector."""
         return sum(self.numels)
 
     def views(self, flat: Tensor) -> list[Tensor]:
@@ -128,6 +132,7 @@ class FlatLayout:
         return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes, strict=True)]
 
     def flatten(self, tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
+        """Concatenate ``tensors`` (in layout order) into one flat vector, into ``out`` if given."""
         return torch.cat([t.reshape(-1) for t in tensors], out=out)
 
 
@@ -151,18 +156,22 @@ class Pool:
 
     @property
     def capacity(self) -> int:
+        """N, the number of members the pool holds."""
         return self.rows.shape[0] - 1
 
     @property
     def anchor(self) -> Tensor:
+        """Row 0: f_p, the weights received this round."""
         return self.rows[0]
 
     @property
     def frozen(self) -> Tensor:
+        """The finished members' rows."""
         return self.rows[1 : self.size + 1]
 
     @property
     def active(self) -> Tensor:
+        """The row of the member that trains next (or now)."""
         return self.rows[self.size + 1]
 
     @torch.no_grad()
@@ -448,6 +457,11 @@ class LSSTrainer:
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
     ) -> dict[str, float]:
+        """Run one round of LSS on (x, y) from the weights in ``model``; leave the soup in it.
+
+        Returns the mean cross-entropy at the soups (``train_loss``), the mean regulariser
+        value (``reg_loss``) and the pool diagnostics (see the module docstring).
+        """
         batch_generator = torch.Generator().manual_seed(seed)  # the same draws as FedAvg
         alpha_generator = torch.Generator().manual_seed(_alpha_seed(seed))
         model.train()
@@ -619,14 +633,16 @@ def _move_grad(
 ) -> None:
     """active.grad (+)= alpha_k * soup.grad, parameter by parameter; clears the soup's grads."""
     for s, a in zip(soup_params, active, strict=True):
+        target = a.grad
+        assert target is not None  # Pool.start_member gives every active parameter its grad
         if s.grad is None:  # parameter unused by the forward pass
             if first:
-                a.grad.zero_()
+                target.zero_()
             continue
         if first:
-            torch.mul(s.grad, alpha_k, out=a.grad)
+            torch.mul(s.grad, alpha_k, out=target)
         else:
-            a.grad.add_(s.grad, alpha=alpha_k)
+            target.add_(s.grad, alpha=alpha_k)
         s.grad = None
 
 

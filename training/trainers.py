@@ -22,6 +22,8 @@ from lssfl.training.lss import LSSTrainer
 
 
 class LocalTrainer(Protocol):
+    """What a silo runs each round: any object with this ``train`` method."""
+
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
     ) -> dict[str, float]:
@@ -100,6 +102,7 @@ class FedAvgTrainer:
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
     ) -> dict[str, float]:
+        """Train ``epochs`` local epochs in place; returns the mean loss (``train_loss``)."""
         return self._train(model, x, y, seed)
 
     def _train(
@@ -144,6 +147,8 @@ class FedProxTrainer(FedAvgTrainer):
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
     ) -> dict[str, float]:
+        """FedAvg's epochs with the proximal gradient added after every backward pass."""
+
         def proximal(params: list[nn.Parameter]) -> Callable[[], None]:
             received = [p.detach().clone() for p in params]
 
@@ -180,6 +185,7 @@ class SWATrainer(FedAvgTrainer):
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
     ) -> dict[str, float]:
+        """FedAvg's epochs; leaves the average of the end-of-epoch weights in ``model``."""
         params = list(model.parameters())
         average = [torch.empty_like(p) for p in params]
         count = 0
