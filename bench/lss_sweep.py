@@ -73,7 +73,12 @@ def main() -> None:
         spec, t0 = json.loads(text), time.monotonic()
         res = [run(spec, s, args.rounds, root) for s in args.seeds]
         mean = [statistics.fmean(a[r] for a in res) for r in range(args.rounds + 1)]
-        std = [statistics.stdev(a[r] for a in res) for r in range(args.rounds + 1)]
+        std = [
+            statistics.pstdev(a[r] for a in res)
+            if len(res) < 2
+            else statistics.stdev(a[r] for a in res)
+            for r in range(args.rounds + 1)
+        ]
         print(json.dumps({
             "spec": spec, "accuracy_mean": mean, "accuracy_std": std, "per_seed": res,
             "seconds": round(time.monotonic() - t0, 1),
