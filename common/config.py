@@ -49,6 +49,15 @@ class CoordinatorSection:
     # silo, and wait for all of them).
     silos_per_round: int | None = None
     over_select: int = 0
+    # The most samples a silo may declare at Join; an upload may not weigh more than its
+    # silo declared. Bounds how much one silo can weigh in the average.
+    max_num_samples: int = 1_000_000_000
+    # Refuse an upload whose L2 distance to the round's global model exceeds this (None: no
+    # bound). Catches finite but absurd weights (1e38) that pass the finite check.
+    max_update_norm: float | None = None
+    # A round opens only with min_silos live silos; give up (exit 1) after waiting this long
+    # for them in one stretch (None: wait until they come back or SIGTERM).
+    max_wait_s: float | None = None
 
 
 @dataclass
@@ -188,6 +197,12 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("coordinator.silos_per_round must be between min_silos and len(silos)")
     if cfg.coordinator.over_select < 0:
         raise ConfigError("coordinator.over_select must be >= 0")
+    if cfg.coordinator.max_num_samples < 1:
+        raise ConfigError("coordinator.max_num_samples must be >= 1")
+    for key in ("max_update_norm", "max_wait_s"):
+        bound = getattr(cfg.coordinator, key)
+        if bound is not None and not bound > 0:
+            raise ConfigError(f"coordinator.{key} must be a positive number or null")
     from lssfl.common.codecs import CodecError, parse_codec
 
     for direction in ("uplink", "downlink"):

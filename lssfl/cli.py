@@ -83,6 +83,18 @@ def _parser() -> argparse.ArgumentParser:
         default=300.0,
         help="give up after the coordinator has been unreachable this many seconds (default 300)",
     )
+    silo.add_argument(
+        "--max-epochs",
+        type=int,
+        default=1000,
+        help="refuse tasks asking for more local epochs than this (default 1000)",
+    )
+    silo.add_argument(
+        "--max-model-mb",
+        type=float,
+        default=4096.0,
+        help="refuse models larger than this many MB (default 4096)",
+    )
     certs = add(
         "certs",
         "Make a demo CA, a coordinator certificate, per-silo certificates and tokens; "
@@ -162,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                     cert=args.cert,
                     key=args.key,
                     token_file=args.token_file,
+                    max_epochs=args.max_epochs,
+                    max_model_mb=args.max_model_mb,
                 )
                 daemon.run()
             except SiloRefused as exc:

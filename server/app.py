@@ -15,7 +15,7 @@ from lssfl.common.config import RunConfig
 from lssfl.common.dataroot import prepare_data_root
 from lssfl.common.files import atomic_write
 from lssfl.common.logs import also_log_to
-from lssfl.common.models import build_model, evaluate
+from lssfl.common.models import build_model, evaluate, head_linear
 from lssfl.common.rpc import ADDRESS_FILE
 from lssfl.common.splits import load_split
 from lssfl.server.coordinator import Coordinator
@@ -71,6 +71,8 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
         initial_state(cfg, data.pretrain_dir),
         evaluate_state,
         run_id=store.get("run_id"),
+        # Every silo's data must look like the test data and fit the model's head.
+        data_spec=(tuple(test.x.shape[1:]), head_linear(model)[1].out_features),
     )
     try:
         server, bound = serve(

@@ -25,6 +25,7 @@ from google.protobuf.message import Message as ProtoMessage
 from lssfl.common.codecs import parse_codec
 from lssfl.common.config import RunConfig
 from lssfl.common.faults import crash_point
+from lssfl.common.peertext import MAX_PEER_REASON, check_metrics, peer_text
 from lssfl.common.records import RoundRecord, SiloRound
 from lssfl.common.seeding import derive_seed
 from lssfl.common.wire import (
@@ -47,6 +48,12 @@ from lssfl.server.store import HEARTBEAT_RECORD_S, RoundStore
 log = logging.getLogger("lssfl.coordinator")
 
 Evaluate = Callable[[dict[str, torch.Tensor]], tuple[float, float]]
+# What every silo's data must look like for the model: one sample's shape, number of classes.
+DataSpec = tuple[tuple[int, ...], int]
+# Heartbeat intervals a silo may miss before it counts as gone (plus a 2 s allowance).
+MISSED_BEATS = 3
+# How often the driver says it is still waiting for silos.
+WAITING_LOG_S = 30.0
 
 
 class RpcError(Exception):
@@ -68,6 +75,7 @@ class SiloInfo:
     state: str = "idle"
     told_done: bool = False
     recorded_at: float = 0.0  # when its row in the store last followed a heartbeat
+    joined_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -108,8 +116,12 @@ class Coordinator:
         initial_state: dict[str, torch.Tensor],
         evaluate: Evaluate,
         run_id: str | None = None,
+        data_spec: DataSpec | None = None,
     ) -> None:
+        """``data_spec``: the sample shape and class count silos must declare at Join
+        (None: not checked)."""
         self.cfg = cfg
+        self.data_spec = data_spec
         self.store = store
         self.evaluate = evaluate
         self.run_id = run_id or uuid.uuid4().hex[:12]
@@ -118,9 +130,10 @@ class Coordinator:
         self._cond = threading.Condition()
         self._silos: dict[str, SiloInfo] = {}
         self._round = 0
-        self._phase = "waiting"  # waiting -> train -> aggregate -> ... -> done
+        self._phase = "waiting"  # waiting -> train -> aggregate -> closed -> train ... -> done
         self._selected: set[str] = set()
         self._results: dict[str, SiloResult] = {}
+        self._failed: dict[str, str] = {}  # this round's silos that reported a failure: why
         self._late: dict[int, int] = {}
         self._deadline = 0.0
         self._download = _Download()
@@ -141,10 +154,11 @@ class Coordinator:
     def _touch(self, silo_id: str) -> SiloInfo:
         info = self._silos.get(silo_id)
         if info is None:
+            name = peer_text(silo_id)
             if silo_id not in self.cfg.silos:
-                log.warning("refused unknown silo %r", silo_id)
-                raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {silo_id!r}")
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"silo {silo_id!r} must join first")
+                log.warning("refused unknown silo %r", name)
+                raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {name!r}")
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"silo {name!r} must join first")
         info.last_seen = time.monotonic()
         return info
 
@@ -158,35 +172,62 @@ class Coordinator:
     def join(self, req: cpb.JoinRequest) -> cpb.JoinReply:
         """Enrol a configured silo (again after a restart); returns the run id."""
         if req.silo_id not in self.cfg.silos:
-            log.warning("refused join from unknown silo %r", req.silo_id)
-            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {req.silo_id!r}")
+            name = peer_text(req.silo_id)
+            log.warning("refused join from unknown silo %r", name)
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {name!r}")
+        problem = self._join_problem(req)
+        if problem:
+            log.warning("round=%d silo=%s join refused: %s", self._round, req.silo_id, problem)
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        device, version = peer_text(req.device or "?"), peer_text(req.version or "?")
         reply = cpb.JoinReply(
             run_id=self.run_id, heartbeat_interval_s=self.cfg.coordinator.heartbeat_interval_s
         )
         with self._cond:
             rejoin = req.silo_id in self._silos
             self._silos[req.silo_id] = SiloInfo(
-                req.silo_id, req.num_samples, req.device, time.monotonic()
+                req.silo_id, req.num_samples, device, time.monotonic()
             )
             self._meter_call(self._round, req.silo_id, req, reply)
             self._cond.notify_all()
-        self.store.set_silo(req.silo_id, "joined", req.num_samples, req.device)
+        self.store.set_silo(req.silo_id, "joined", req.num_samples, device)
         log.info(
             "round=%d silo=%s %s (%d samples, %s, lssfl %s)",
             self._round,
             req.silo_id,
             "rejoined" if rejoin else "joined",
             req.num_samples,
-            req.device or "?",
-            req.version or "?",
+            device,
+            version,
         )
         return reply
+
+    def _join_problem(self, req: cpb.JoinRequest) -> str | None:
+        """Why this silo cannot take part: a sample count out of bounds, or data that does
+        not fit the model; None when it can."""
+        bound = self.cfg.coordinator.max_num_samples
+        if not 1 <= req.num_samples <= bound:
+            return f"num_samples {req.num_samples} is not in [1, {bound}] (max_num_samples)"
+        if self.data_spec is None:
+            return None
+        shape, classes = self.data_spec
+        if req.sample_shape and tuple(req.sample_shape) != shape:
+            declared = list(req.sample_shape)[:9]
+            return f"data samples have shape {declared}, the model takes {list(shape)}"
+        if req.num_classes and req.num_classes != classes:
+            return f"data has {req.num_classes} classes, the model predicts {classes}"
+        return None
 
     def _task_for(self, silo_id: str) -> cpb.Task | None:
         if self._phase == "done":
             self._silos[silo_id].told_done = True
             return cpb.Task(kind=cpb.Task.DONE, run_id=self.run_id, round=self._round)
-        if self._phase == "train" and silo_id in self._selected and silo_id not in self._results:
+        if (
+            self._phase == "train"
+            and silo_id in self._selected
+            and silo_id not in self._results
+            and silo_id not in self._failed
+        ):
             return cpb.Task(
                 kind=cpb.Task.TRAIN,
                 run_id=self.run_id,
@@ -245,7 +286,9 @@ class Coordinator:
             if silo in self._results:
                 return cpb.UploadReply(accepted=True, message="duplicate upload ignored")
             self._silos[silo].state = "uploading"
+            declared = self._silos[silo].num_samples
             reference = self._broadcast
+            base = reference if reference is not None else self.global_state
         stream = self._metered_upload(round_num, silo, itertools.chain([header], chunks))
         next(stream)  # the header, counted like every message of the stream
         try:
@@ -259,8 +302,7 @@ class Coordinator:
             log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, exc)
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"bad upload stream: {exc}") from None
         self._validate(decoded.state, silo, round_num)
-        if head.num_samples <= 0:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "num_samples must be positive")
+        self._check_weight(head, declared, decoded.state, base)
         result = SiloResult(
             silo, int(head.num_samples), decoded.state, head.train_seconds, dict(head.metrics)
         )
@@ -280,8 +322,32 @@ class Coordinator:
         )
         return cpb.UploadReply(accepted=True, message="ok")
 
+    def _check_weight(
+        self,
+        head: pb.UploadHeader,
+        declared: int,
+        state: dict[str, torch.Tensor],
+        base: dict[str, torch.Tensor],
+    ) -> None:
+        """Refuse an upload that would weigh more than its silo declared, carries metrics
+        that cannot be stored, or moves the model further than ``max_update_norm``."""
+        problem = None
+        if not 1 <= head.num_samples <= declared:
+            problem = f"num_samples {head.num_samples} is not in [1, {declared}] (declared at Join)"
+        else:
+            problem = check_metrics(head.metrics)
+        bound = self.cfg.coordinator.max_update_norm
+        if problem is None and bound is not None:
+            norm = update_norm(state, base)
+            if not norm <= bound:
+                problem = f"update norm {norm:.4g} exceeds coordinator.max_update_norm {bound:g}"
+        if problem:
+            log.warning("round=%d silo=%s rejected upload: %s", head.round, head.silo_id, problem)
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
     def _admit(self, silo: str, round_num: int) -> None:
-        """Refuse results for rounds that are not open; counted as late."""
+        """Refuse results for rounds that are not open; a result for the round just closed
+        counts as late in that round's record."""
         if round_num == self._round and self._phase == "train":
             if silo not in self._selected:
                 raise RpcError(
@@ -289,8 +355,15 @@ class Coordinator:
                     f"silo {silo!r} was not selected for round {round_num}",
                 )
             return
-        # Counted in the round during which it arrives: that round's record is still to come.
-        self._late[self._round] = self._late.get(self._round, 0) + 1
+        if round_num > self._round:
+            log.warning("round=%d silo=%s result for a round not yet open refused", round_num, silo)
+            raise RpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {round_num} is not open (current round {self._round}, {self._phase})",
+            )
+        if round_num == self._round and self._phase == "aggregate":
+            # Its record is still to come: count it there. Committed rounds are not rewritten.
+            self._late[round_num] = self._late.get(round_num, 0) + 1
         log.warning("round=%d silo=%s late result refused", round_num, silo)
         raise RpcError(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -308,7 +381,7 @@ class Coordinator:
         with self._cond:
             info = self._touch(req.silo_id)
             self._check_run(req.run_id)
-            info.state = req.state or info.state
+            info.state = peer_text(req.state, 32) if req.state else info.state
             reply = cpb.HeartbeatReply(current_round=self._round)
             self._meter_call(self._round, req.silo_id, req, reply)
             record = info.last_seen - info.recorded_at >= HEARTBEAT_RECORD_S
@@ -316,6 +389,30 @@ class Coordinator:
                 info.recorded_at = info.last_seen
         if record:  # for `lssfl status`
             self.store.set_silo(req.silo_id, info.state, info.num_samples, info.device)
+        return reply
+
+    def report_failure(self, req: cpb.FailureReport) -> cpb.FailureReply:
+        """A silo could not do its task: log why, and stop waiting for it this round."""
+        reason = peer_text(" ".join(req.reason.split()) or "no reason given", MAX_PEER_REASON)
+        reply = cpb.FailureReply()
+        with self._cond:
+            self._touch(req.silo_id)
+            self._check_run(req.run_id)
+            self._meter_call(self._round, req.silo_id, req, reply)
+            current = req.round == self._round and self._phase == "train"
+            if current and req.silo_id in self._selected and req.silo_id not in self._results:
+                self._failed[req.silo_id] = reason
+                self._silos[req.silo_id].state = "failed"
+                self._cond.notify_all()
+            else:
+                current = False
+        log.warning(
+            "round=%d silo=%s reported a failure%s: %s",
+            req.round,
+            req.silo_id,
+            "" if current else " (not for the open round; ignored)",
+            reason,
+        )
         return reply
 
     def _meter_call(
@@ -347,8 +444,12 @@ class Coordinator:
         with self._cond:
             self._cond.notify_all()
 
+    def _silent_after(self) -> float:
+        """Seconds without a call after which a silo counts as gone."""
+        return MISSED_BEATS * self.cfg.coordinator.heartbeat_interval_s + 2.0
+
     def _alive(self, now: float) -> list[str]:
-        timeout = 3 * self.cfg.coordinator.heartbeat_interval_s + 2.0
+        timeout = self._silent_after()
         return sorted(s for s, i in self._silos.items() if now - i.last_seen <= timeout)
 
     def _prepare_download(self, round_num: int) -> _Download:
@@ -401,6 +502,8 @@ class Coordinator:
                     break
                 self._cond.wait(min(left, 1.0))
             joined = len(self._silos)
+        if self._stopping.is_set():
+            raise KeyboardInterrupt
         if joined < cc.min_silos:
             raise RuntimeError(
                 f"only {joined} of {len(self.cfg.silos)} silos joined within "
@@ -409,6 +512,43 @@ class Coordinator:
         missing = sorted(set(self.cfg.silos) - set(self._silos))
         if missing:
             log.warning("starting without %s (join timeout passed)", ", ".join(missing))
+
+    def wait_for_live_silos(self, round_num: int) -> None:
+        """Return once ``min_silos`` silos are live, rather than open a round nobody can
+        answer. RuntimeError after ``max_wait_s`` of waiting; KeyboardInterrupt on stop()."""
+        cc = self.cfg.coordinator
+        start = time.monotonic()
+        said = start
+        with self._cond:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                alive = self._alive(now)
+                if len(alive) >= cc.min_silos:
+                    if now - start >= WAITING_LOG_S:
+                        log.info(
+                            "round=%d %d silos live again after %.0f s",
+                            round_num,
+                            len(alive),
+                            now - start,
+                        )
+                    return
+                if cc.max_wait_s is not None and now - start >= cc.max_wait_s:
+                    raise RuntimeError(
+                        f"gave up before round {round_num}: only {len(alive)} of "
+                        f"{len(self.cfg.silos)} silos live for {cc.max_wait_s:g} s "
+                        f"(min_silos={cc.min_silos}, coordinator.max_wait_s)"
+                    )
+                if now == start or now - said >= WAITING_LOG_S:
+                    said = now
+                    log.warning(
+                        "round=%d waiting for silos: %d live (%s), min_silos=%d",
+                        round_num,
+                        len(alive),
+                        ", ".join(alive) or "none",
+                        cc.min_silos,
+                    )
+                self._cond.wait(1.0)
+        raise KeyboardInterrupt
 
     def run(self) -> None:
         """Wait for silos, then run every round not yet committed; returns at the end."""
@@ -434,8 +574,7 @@ class Coordinator:
             if first <= self.cfg.run.rounds:
                 self.wait_for_silos()
         for round_num in range(first, self.cfg.run.rounds + 1):
-            if self._stopping.is_set():
-                raise KeyboardInterrupt
+            self.wait_for_live_silos(round_num)
             self.run_round(round_num)
         self.store.save_final(self.global_state, self.cfg.model_spec)
         self.store.set_phase(self.cfg.run.rounds, "done")
@@ -450,6 +589,7 @@ class Coordinator:
             self._download = download
             self._selected = self._select(round_num)
             self._results = {}
+            self._failed = {}
             self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
             selected = sorted(self._selected)
             self._cond.notify_all()
@@ -460,6 +600,10 @@ class Coordinator:
             while not self._stopping.is_set() and len(self._results) < wanted:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
+                    break
+                why = self._nothing_to_wait_for()
+                if why:
+                    log.warning("round=%d closing early: %s", round_num, why)
                     break
                 self._cond.wait(min(left, 1.0))
             self._phase = "aggregate"
@@ -489,6 +633,24 @@ class Coordinator:
             status = "insufficient"
         acc, loss = self.evaluate(self.global_state)
         self._record(round_num, status, acc, loss, time.monotonic() - t0, results, missing)
+        with self._cond:
+            self._phase = "closed"
+
+    def _nothing_to_wait_for(self) -> str | None:
+        """Why no more results can come this round (every outstanding silo failed or went
+        silent), or None while one still may. Called holding the lock."""
+        now = time.monotonic()
+        outstanding = sorted(self._selected - set(self._results))
+        why = []
+        for silo in outstanding:
+            if silo in self._failed:
+                why.append(f"{silo} reported a failure ({self._failed[silo]})")
+                continue
+            silent = now - self._silos[silo].last_seen
+            if silent <= self._silent_after():
+                return None
+            why.append(f"{silo} no heartbeat for {silent:.0f} s")
+        return "; ".join(why) or None
 
     def _record(
         self,
@@ -576,3 +738,13 @@ class Coordinator:
                 if not pending:
                     break
                 self._cond.wait(0.2)
+
+
+def update_norm(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    """L2 norm of ``state - base`` over the floating-point tensors, summed in float64."""
+    total = 0.0
+    for name, ref in base.items():
+        if ref.is_floating_point():
+            diff = state[name].to(torch.float64) - ref.to(torch.float64)
+            total += float(torch.sum(diff * diff))
+    return total**0.5

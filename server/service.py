@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lssfl.common.config import SecuritySection
+from lssfl.common.peertext import peer_text
 from lssfl.common.rpc import GRPC_OPTIONS, SERVICE, add_coordinator_servicer
 from lssfl.common.security import (
     CA_CERT,
@@ -48,30 +49,29 @@ class Gatekeeper:
 
     def check(self, context: grpc.ServicerContext, silo_id: str) -> None:
         """Refuse (RpcError) a caller that is not ``silo_id`` or is revoked."""
+        name = peer_text(silo_id)
         if silo_id in self.revoked or (self.revoked_file and silo_id in self.revoked_file):
-            log.warning("refused revoked silo %r (%s)", silo_id, context.peer())
-            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"silo {silo_id!r} is revoked")
+            log.warning("refused revoked silo %r (%s)", name, context.peer())
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"silo {name!r} is revoked")
         if self.tokens is not None:
             metadata = dict(context.invocation_metadata())
             value = str(metadata.get(TOKEN_HEADER, ""))
             token = value.removeprefix("Bearer ").strip()
             if not token:
-                log.warning(
-                    "refused call without a token for silo %r (%s)", silo_id, context.peer()
-                )
+                log.warning("refused call without a token for silo %r (%s)", name, context.peer())
                 raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
             if self.tokens.silo_for(token) != silo_id:
-                log.warning("refused wrong token for silo %r (%s)", silo_id, context.peer())
+                log.warning("refused wrong token for silo %r (%s)", name, context.peer())
                 raise RpcError(
-                    grpc.StatusCode.UNAUTHENTICATED, f"token is not valid for silo {silo_id!r}"
+                    grpc.StatusCode.UNAUTHENTICATED, f"token is not valid for silo {name!r}"
                 )
         if self.mutual_tls:
             names = context.auth_context().get("x509_common_name", [])
             if [n.decode() for n in names] != [silo_id]:
-                log.warning("refused certificate %r for silo %r", names, silo_id)
+                log.warning("refused certificate %r for silo %r", names, name)
                 raise RpcError(
                     grpc.StatusCode.UNAUTHENTICATED,
-                    f"client certificate is not issued to silo {silo_id!r}",
+                    f"client certificate is not issued to silo {name!r}",
                 )
 
 
@@ -98,6 +98,14 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
             return method(*args)
         except RpcError as exc:
             context.abort(exc.code, str(exc))
+        except grpc.RpcError:
+            # Reading the request stream failed: the client cancelled or went away, or sent
+            # a message over the size limit. Its own status says which; not our error.
+            if context.is_active():
+                log.warning("call from %s broke off: %s", context.peer(), context.code())
+            else:
+                log.info("call from %s cancelled by the client", context.peer())
+            raise
         except Exception as exc:
             log.exception("internal error")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
@@ -142,6 +150,12 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         """A silo's sign of life."""
         return self._answer(context, request.silo_id, self.c.heartbeat, request)
 
+    def ReportFailure(
+        self, request: cpb.FailureReport, context: grpc.ServicerContext
+    ) -> cpb.FailureReply:
+        """A silo could not do its task this round."""
+        return self._answer(context, request.silo_id, self.c.report_failure, request)
+
 
 def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | None:
     """TLS credentials from ``security.dir``, or None when TLS is off."""
@@ -182,4 +196,12 @@ def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, 
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}: the port is in use or not allowed")
     server.start()
+    security = coordinator.cfg.security
+    if not (security.tokens or security.mutual_tls):
+        log.warning(
+            "silo identities are NOT authenticated (security.tokens and mutual_tls are off): "
+            "any client that reaches %s:%d can act as any enrolled silo",
+            host,
+            bound,
+        )
     return server, bound

@@ -9,20 +9,23 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
 
 from lssfl import __version__
-from lssfl.common.codecs import ErrorFeedback, parse_codec
+from lssfl.common.codecs import CodecError, ErrorFeedback, parse_codec
+from lssfl.common.config import ConfigError
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
+from lssfl.common.peertext import MAX_PEER_REASON, peer_text
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
@@ -39,12 +42,16 @@ from lssfl.common.wire import (
 )
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
+from lssfl.training.spec import trainer_spec
 from lssfl.training.trainers import make_trainer
 
 log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Defaults of `lssfl silo --max-epochs / --max-model-mb`: what a task may ask of this silo.
+MAX_EPOCHS = 1000
+MAX_MODEL_MB = 4096.0
 
 
 def _with_crash_point(messages: Iterator[Outgoing], tag: str) -> Iterator[Outgoing]:
@@ -67,6 +74,71 @@ class CoordinatorUnreachable(RuntimeError):
 
 class _Rejoin(Exception):
     """The coordinator forgot us (restart, new run): join again."""
+
+
+class TaskRefused(Exception):
+    """This silo will not or cannot do the task; the message is one line saying why."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return peer_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 300)
+
+
+def check_task(task: cpb.Task, max_epochs: int, max_model_mb: float) -> dict[str, Any]:
+    """The task's trainer spec, every field checked against this silo's limits; TaskRefused
+    (one line) for a field a coordinator should never send: unparsable JSON, an unknown or
+    oversized model, a trainer parameter of the wrong type or out of bounds, too many
+    epochs, an unknown codec."""
+    try:
+        model_spec = json.loads(task.model_json)
+        trainer = json.loads(task.trainer_json)
+    except ValueError as exc:
+        raise TaskRefused(f"task JSON does not parse: {_one_line(exc)}") from None
+    if not isinstance(model_spec, dict) or not isinstance(trainer, dict):
+        raise TaskRefused("task model and trainer must be JSON objects")
+    try:
+        # On the meta device: an architecture of 10^12 parameters is refused unallocated.
+        with torch.device("meta"):
+            meta_model = build_model(model_spec)
+        spec = trainer_spec(trainer)
+        parse_codec(task.uplink_codec or "fp32")
+    except (ValueError, TypeError, ConfigError, CodecError) as exc:
+        raise TaskRefused(peer_text(" ".join(str(exc).split()), 300)) from None
+    model_mb = sum(t.numel() * t.element_size() for t in meta_model.state_dict().values()) / 2**20
+    if model_mb > max_model_mb:
+        raise TaskRefused(f"model of {model_mb:.0f} MB exceeds --max-model-mb {max_model_mb:g}")
+    for key, value in spec.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TaskRefused(f"trainer.{key} is {value}, not a finite number")
+    if "batch_size" in spec and spec["batch_size"] < 1:
+        raise TaskRefused(f"trainer.batch_size must be >= 1, got {spec['batch_size']}")
+    if "epochs" in spec and spec["epochs"] < 1:
+        raise TaskRefused(f"trainer.epochs must be >= 1, got {spec['epochs']}")
+    # Plain trainers run `epochs`, LSS `pool_size` members of `epochs_per_member`.
+    epochs = spec.get("epochs", 1) * spec.get("pool_size", 1) * spec.get("epochs_per_member", 1)
+    if epochs > max_epochs:
+        raise TaskRefused(
+            f"task asks for {epochs} local epochs, more than --max-epochs {max_epochs}"
+        )
+    return spec
+
+
+def check_received(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """TaskRefused unless ``state`` has exactly the model's tensors, shapes and dtypes."""
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        odd = sorted(set(state) ^ set(expected))[0]
+        raise TaskRefused(
+            f"received model does not fit the task's architecture (tensor {peer_text(odd)!r})"
+        )
+    for name, ref in expected.items():
+        t = state[name]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise TaskRefused(
+                f"received tensor {name!r} is {t.dtype} {list(t.shape)}, the model has "
+                f"{ref.dtype} {list(ref.shape)}"
+            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,10 +164,16 @@ class SiloDaemon:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         tls_files: tuple[Path | None, Path | None, Path | None] | None = None,
+        max_epochs: int = MAX_EPOCHS,
+        max_model_mb: float = MAX_MODEL_MB,
     ) -> None:
         """``tls_files``: the (ca, cert, key) paths behind ``credentials`` (None each for
-        plaintext), to explain a failed handshake; None: not known, not explained."""
+        plaintext), to explain a failed handshake; None: not known, not explained.
+        ``max_epochs`` and ``max_model_mb`` bound what a task may ask of this silo."""
         self.address = coordinator
+        self.max_epochs = max_epochs
+        self.max_model_mb = max_model_mb
+        self._refused: tuple[str, int] | None = None  # (run, round) this silo gave up on
         self._tls_files = tls_files
         self.silo_id = silo_id
         self.data = data
@@ -130,6 +208,8 @@ class SiloDaemon:
         cert: Path | None = None,
         key: Path | None = None,
         token_file: Path | None = None,
+        max_epochs: int = MAX_EPOCHS,
+        max_model_mb: float = MAX_MODEL_MB,
     ) -> SiloDaemon:
         """Build from paths, validating each; errors name the file at fault."""
         data = load_split(data_dir)
@@ -144,6 +224,8 @@ class SiloDaemon:
             credentials,
             token,
             (ca, cert, key),
+            max_epochs,
+            max_model_mb,
         )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
@@ -183,20 +265,25 @@ class SiloDaemon:
                 delay = min(delay * 2, 10.0)
 
     def join(self) -> None:
-        """Join the run (retrying while the coordinator is unreachable)."""
-        reply = self._retry(
-            "join",
-            lambda: self._stub.Join(
-                cpb.JoinRequest(
-                    silo_id=self.silo_id,
-                    num_samples=self.data.num_samples,
-                    device=str(self.device),
-                    version=__version__,
-                ),
-                timeout=30,
-                metadata=self._metadata,
-            ),
+        """Join the run (retrying while the coordinator is unreachable); SiloRefused when
+        the coordinator will not have this silo or its data."""
+        request = cpb.JoinRequest(
+            silo_id=self.silo_id,
+            num_samples=self.data.num_samples,
+            device=str(self.device),
+            version=__version__,
+            sample_shape=list(self.data.x.shape[1:]),
+            num_classes=self.data.num_classes,
         )
+        try:
+            reply = self._retry(
+                "join",
+                lambda: self._stub.Join(request, timeout=30, metadata=self._metadata),
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise SiloRefused(peer_text(exc.details() or "", MAX_PEER_REASON)) from None
+            raise
         self.run_id, self.heartbeat_s = reply.run_id, reply.heartbeat_interval_s or 2.0
         log.info(
             "silo=%s joined run %s at %s (%d samples on %s)",
@@ -239,7 +326,13 @@ class SiloDaemon:
                         log.info("silo=%s run %s is over", self.silo_id, task.run_id)
                         return
                     if task.kind == cpb.Task.TRAIN:
-                        self.train_round(task)
+                        if self._refused == (task.run_id, task.round):
+                            time.sleep(1.0)  # already said why; wait for the next round
+                            continue
+                        try:
+                            self.train_round(task)
+                        except TaskRefused as exc:
+                            self._refuse(task, str(exc))
                 except WireError as exc:
                     # A stream that does not decode (or a delta against a model we no longer
                     # hold): forget the held model and ask again for the whole one.
@@ -269,6 +362,24 @@ class SiloDaemon:
                 beat.join()
             self._channel.close()
 
+    def _refuse(self, task: cpb.Task, reason: str) -> None:
+        """Say in one line why this round's task is not done, and tell the coordinator so
+        that it stops waiting for this silo; the daemon then waits for the next task."""
+        log.error("round=%d silo=%s task refused: %s", task.round, self.silo_id, reason)
+        self._refused = (task.run_id, task.round)
+        self.state = "idle"
+        with contextlib.suppress(grpc.RpcError):  # the coordinator's deadline still holds
+            self._stub.ReportFailure(
+                cpb.FailureReport(
+                    silo_id=self.silo_id,
+                    run_id=task.run_id,
+                    round=task.round,
+                    reason=reason[:MAX_PEER_REASON],
+                ),
+                timeout=10,
+                metadata=self._metadata,
+            )
+
     def _download(self, task: cpb.Task) -> DecodedModel:
         """This round's model; only the change when we still hold the previous round's."""
         held_round, held = self._held if self._held else (None, None)
@@ -279,7 +390,7 @@ class SiloDaemon:
         received = decode_model(
             progress(stream, 0, f"round {task.round} download", " messages"),
             header_kind="download",
-            max_payload_bytes=1 << 40,
+            max_payload_bytes=int(self.max_model_mb * 2**20),
             reference=held,
         )
         head = received.header.download
@@ -291,6 +402,7 @@ class SiloDaemon:
     def train_round(self, task: cpb.Task) -> None:
         """Download the round's model, train it locally, upload the result."""
         r = self.round = task.round
+        trainer_params = check_task(task, self.max_epochs, self.max_model_mb)
         t0 = time.monotonic()
         self.state = "downloading"
         try:
@@ -300,6 +412,10 @@ class SiloDaemon:
                 log.warning("round=%d silo=%s download refused: %s", r, self.silo_id, exc.details())
                 return
             raise
+        except WireError as exc:
+            if self._held is not None:
+                raise  # perhaps a delta against a model we no longer hold: the loop retries
+            raise TaskRefused(f"bad model download: {peer_text(str(exc), 300)}") from None
         t1 = time.monotonic()
         log.info(
             "round=%d silo=%s downloaded %.2f MB in %.2f s",
@@ -311,17 +427,21 @@ class SiloDaemon:
 
         self.state = "training"
         model = build_model(json.loads(task.model_json)).to(self.device)
+        check_received(received.state, model)
         model.load_state_dict(received.state)
-        trainer_spec = json.loads(task.trainer_json)
-        trainer = make_trainer(trainer_spec)
+        trainer = make_trainer(trainer_params)
         torch.manual_seed(task.seed)
-        metrics = trainer.train(model, self._x, self._y, seed=task.seed)
+        try:
+            metrics = trainer.train(model, self._x, self._y, seed=task.seed)
+        except Exception as exc:  # data that does not fit the model, a trainer bug...
+            log.debug("training failed", exc_info=True)
+            raise TaskRefused(f"local training failed: {_one_line(exc)}") from None
         t2 = time.monotonic()
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",
             r,
             self.silo_id,
-            trainer_spec.get("name"),
+            trainer_params.get("name"),
             self.data.num_samples,
             t2 - t1,
             " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),

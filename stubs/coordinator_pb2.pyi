@@ -1,22 +1,28 @@
 from lssfl.proto import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("silo_id", "num_samples", "device", "version")
+    __slots__ = ("silo_id", "num_samples", "device", "version", "sample_shape", "num_classes")
     SILO_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     silo_id: str
     num_samples: int
     device: str
     version: str
-    def __init__(self, silo_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., device: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    sample_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    def __init__(self, silo_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("run_id", "heartbeat_interval_s")
@@ -99,3 +105,19 @@ class HeartbeatReply(_message.Message):
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     current_round: int
     def __init__(self, current_round: _Optional[int] = ...) -> None: ...
+
+class FailureReport(_message.Message):
+    __slots__ = ("silo_id", "run_id", "round", "reason")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    run_id: str
+    round: int
+    reason: str
+    def __init__(self, silo_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FailureReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

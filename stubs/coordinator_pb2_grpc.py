@@ -61,6 +61,11 @@ class CoordinatorStub:
                 request_serializer=lssfl_dot_proto_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=lssfl_dot_proto_dot_coordinator__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/lssfl.v1.Coordinator/ReportFailure',
+                request_serializer=lssfl_dot_proto_dot_coordinator__pb2.FailureReport.SerializeToString,
+                response_deserializer=lssfl_dot_proto_dot_coordinator__pb2.FailureReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -101,6 +106,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """The silo could not do its task this round (bad task, data that does not fit the model,
+        a trainer error): the coordinator stops waiting for it until the next round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=lssfl_dot_proto_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=lssfl_dot_proto_dot_coordinator__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=lssfl_dot_proto_dot_coordinator__pb2.FailureReport.FromString,
+                    response_serializer=lssfl_dot_proto_dot_coordinator__pb2.FailureReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class Coordinator:
             '/lssfl.v1.Coordinator/Heartbeat',
             lssfl_dot_proto_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             lssfl_dot_proto_dot_coordinator__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lssfl.v1.Coordinator/ReportFailure',
+            lssfl_dot_proto_dot_coordinator__pb2.FailureReport.SerializeToString,
+            lssfl_dot_proto_dot_coordinator__pb2.FailureReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -189,13 +189,31 @@ def test_bad_uploads_are_refused_and_the_round_still_completes(small, caplog):
 
 def test_results_for_a_closed_round_are_refused_and_counted(small):
     h, state = small
+    evaluating, release = threading.Event(), threading.Event()
+
+    def slow_evaluate(_state):
+        evaluating.set()
+        release.wait(10)
+        return 0.0, 0.0
+
+    h.coordinator.evaluate = slow_evaluate
     h.join("s1", "s2")
     h.open_round()
     h.upload(state)
     h.upload(state, silo="s2")
-    h.thread.join(10)
+    assert evaluating.wait(10)
+    # Closed but not yet recorded: counted in round 1's own record.
     code, details = _code(lambda: h.upload(state, round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
+    release.set()
+    h.thread.join(10)
+    assert [r["late_refused"] for r in read_jsonl(h.store.metrics_path)] == [1]
+    # Once recorded, a round's record is not rewritten: refused, counted nowhere.
+    code, details = _code(lambda: h.upload(state, round_num=1))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
+    # A round not yet open: refused as such, not late.
+    code, details = _code(lambda: h.upload(state, round_num=7))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 7 is not open" in details
     assert h.coordinator._late == {1: 1}
     code, _ = _code(lambda: h.download(round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
@@ -221,16 +239,16 @@ def test_replayed_upload_from_an_earlier_round_is_refused(small):
     h.upload(state, silo="s2")
     h.thread.join(10)
     h.open_round(2)
-    # s1 replays its round-1 upload while round 2 is open: refused, counted, not aggregated.
+    # s1 replays its round-1 upload while round 2 is open: refused, not aggregated.
     code, details = _code(lambda: h.upload(state, round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
     assert h.coordinator._results == {}
     h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}, round_num=2)
     h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}, silo="s2", round_num=2)
     h.thread.join(10)
-    # Counted in the record of the round during which it arrived, as metrics.jsonl has it.
+    # Not counted as late in round 2: round 2's silos were on time.
     records = read_jsonl(h.store.metrics_path)
-    assert [(r["round"], r["late_refused"]) for r in records] == [(1, 0), (2, 1)]
+    assert [(r["round"], r["late_refused"]) for r in records] == [(1, 0), (2, 0)]
     assert torch.equal(h.coordinator.global_state["w"], torch.ones(8, 4))
 
 
