@@ -8,9 +8,11 @@ slow work (decoding, aggregation) happens while holding it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -335,7 +337,7 @@ class Coordinator:
         if not 1 <= head.num_samples <= declared:
             problem = f"num_samples {head.num_samples} is not in [1, {declared}] (declared at Join)"
         else:
-            problem = check_metrics(head.metrics)
+            problem = check_metrics(head.metrics) or _metric_clash(head.metrics)
         bound = self.cfg.coordinator.max_update_norm
         if problem is None and bound is not None:
             norm = update_norm(state, base)
@@ -518,7 +520,7 @@ class Coordinator:
         answer. RuntimeError after ``max_wait_s`` of waiting; KeyboardInterrupt on stop()."""
         cc = self.cfg.coordinator
         start = time.monotonic()
-        said = start
+        said = -math.inf  # when it last said it is waiting
         with self._cond:
             while not self._stopping.is_set():
                 now = time.monotonic()
@@ -538,7 +540,7 @@ class Coordinator:
                         f"{len(self.cfg.silos)} silos live for {cc.max_wait_s:g} s "
                         f"(min_silos={cc.min_silos}, coordinator.max_wait_s)"
                     )
-                if now == start or now - said >= WAITING_LOG_S:
+                if now - said >= WAITING_LOG_S:
                     said = now
                     log.warning(
                         "round=%d waiting for silos: %d live (%s), min_silos=%d",
@@ -738,6 +740,16 @@ class Coordinator:
                 if not pending:
                     break
                 self._cond.wait(0.2)
+
+
+def _metric_clash(metrics: Iterable[str]) -> str | None:
+    """A metric whose record key (``train_<name>``) is one of the record's own fields."""
+    fields = {f.name for f in dataclasses.fields(SiloRound)}
+    for name in metrics:
+        key = name if name.startswith("train_") else f"train_{name}"
+        if key in fields:
+            return f"metric {name!r} would overwrite the record's {key}"
+    return None
 
 
 def update_norm(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:

@@ -24,7 +24,7 @@ from lssfl.common.security import (
     RevokedFile,
     TokenTable,
 )
-from lssfl.common.wire import Message, WireError, read_header
+from lssfl.common.wire import MAX_MESSAGE_BYTES, Message, WireError, read_header
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.server.coordinator import Coordinator, RpcError
@@ -99,12 +99,15 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         except RpcError as exc:
             context.abort(exc.code, str(exc))
         except grpc.RpcError:
-            # Reading the request stream failed: the client cancelled or went away, or sent
-            # a message over the size limit. Its own status says which; not our error.
-            if context.is_active():
-                log.warning("call from %s broke off: %s", context.peer(), context.code())
-            else:
-                log.info("call from %s cancelled by the client", context.peer())
+            # Reading the request stream failed: gRPC ended the call because the client
+            # cancelled or went away, or sent a message over the size limit (the client got
+            # RESOURCE_EXHAUSTED; from here the two look the same). Not an internal error.
+            log.info(
+                "call from %s ended by the client: cancelled, disconnected or a message over "
+                "%d MiB",
+                context.peer() or "?",
+                MAX_MESSAGE_BYTES >> 20,
+            )
             raise
         except Exception as exc:
             log.exception("internal error")
