@@ -13,9 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.numpy import load_file
 
+from lssfl.common.splits import save_split
 from tests.conftest import free_port, lssfl_cmd, make_config, read_jsonl, wait_for
 
 # Real OS processes, gRPC over sockets: minutes on 2 cores (`pytest -m "not slow"` skips).
@@ -293,3 +295,27 @@ def test_corrupted_checkpoint_is_refused_on_resume(tmp_path, base, reference):
     assert (run_dir / "checkpoints" / "round-0002.safetensors").read_bytes() == (
         root / "reference" / "checkpoints" / "round-0002.safetensors"
     ).read_bytes()
+
+
+def test_silo_whose_data_does_not_fit_is_refused_at_join_then_sigterm_while_waiting(tmp_path, base):
+    _, config = base
+    cluster = Cluster(tmp_path, config, "misfit")
+    wrong = tmp_path / "wrong-shape"
+    save_split(wrong, torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]), {"num_classes": 10})
+    cluster.coordinator()
+    try:
+        args = ["silo", "--coordinator", cluster.address, "--silo-id", "silo-1"]
+        cluster._start("silo-1", [*args, "--data", str(wrong)], None)
+        assert cluster.wait("silo-1", 120) == 2
+        said = "data samples have shape [1, 8, 8], the model takes [3, 16, 16]"
+        silo_log = cluster.log_text("silo-1")
+        assert said in silo_log and "Traceback" not in silo_log
+        wait_for(lambda: said in cluster.log_text("coordinator"), 30, "the refusal logged")
+        # Nobody joined: SIGTERM now is a stop, not a join timeout.
+        cluster.procs["coordinator"].send_signal(signal.SIGTERM)
+        assert cluster.wait("coordinator", 60) == 130
+        log = cluster.log_text("coordinator")
+        assert "stopped before the end of the run" in log and "joined within" not in log
+        assert len([line for line in log.splitlines() if said in line]) == 1
+    finally:
+        cluster.kill_all()
