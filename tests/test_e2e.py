@@ -172,10 +172,11 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
     own_log = (run_dir / "logs" / "coordinator.log").read_text()
     assert "round=2" in own_log and "run finished" in own_log
     assert own_log.count("run finished") == 1
-    # In this order: round 1 opened for all three, closed at its deadline without silo-3,
-    # and round 2 opened without it.
+    # In this order: round 1 opened for all three, closed early once silo-3 had missed its
+    # heartbeats (not at its deadline), and round 2 opened without it.
     events = [
         "round=1 opened for silo-1, silo-2, silo-3",
+        "round=1 closing early: silo-3 no heartbeat for",
         "round=1 closed without silo-3",
         "round=1 ok",
         "round=2 opened for silo-1, silo-2\n",
