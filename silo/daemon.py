@@ -80,6 +80,11 @@ class TaskRefused(Exception):
     """This silo will not or cannot do the task; the message is one line saying why."""
 
 
+def _said(exc: grpc.RpcError) -> str:
+    """The coordinator's message in a refusal, escaped and bounded for our log."""
+    return peer_text(exc.details() or exc.code().name, MAX_PEER_REASON)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return peer_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 300)
@@ -238,9 +243,9 @@ class SiloDaemon:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    raise SiloRefused(exc.details()) from None
+                    raise SiloRefused(_said(exc)) from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise _Rejoin(exc.details()) from None
+                    raise _Rejoin(_said(exc)) from None
                 if code not in RETRY_CODES:
                     raise
                 if self._tls_files is not None:
@@ -282,13 +287,17 @@ class SiloDaemon:
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise SiloRefused(peer_text(exc.details() or "", MAX_PEER_REASON)) from None
+                raise SiloRefused(_said(exc)) from None
             raise
-        self.run_id, self.heartbeat_s = reply.run_id, reply.heartbeat_interval_s or 2.0
+        # Both come from the coordinator: a run id for our logs, an interval we obey.
+        self.run_id = reply.run_id
+        interval = reply.heartbeat_interval_s
+        finite = interval and math.isfinite(interval)
+        self.heartbeat_s = min(max(interval, 0.1), 60.0) if finite else 2.0
         log.info(
             "silo=%s joined run %s at %s (%d samples on %s)",
             self.silo_id,
-            self.run_id,
+            peer_text(self.run_id),
             self.address,
             self.data.num_samples,
             self.device,
@@ -323,7 +332,7 @@ class SiloDaemon:
                         ),
                     )
                     if task.kind == cpb.Task.DONE:
-                        log.info("silo=%s run %s is over", self.silo_id, task.run_id)
+                        log.info("silo=%s run %s is over", self.silo_id, peer_text(task.run_id))
                         return
                     if task.kind == cpb.Task.TRAIN:
                         if self._refused == (task.run_id, task.round):
@@ -409,7 +418,7 @@ class SiloDaemon:
             received = self._download(task)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                log.warning("round=%d silo=%s download refused: %s", r, self.silo_id, exc.details())
+                log.warning("round=%d silo=%s download refused: %s", r, self.silo_id, _said(exc))
                 return
             raise
         except WireError as exc:
@@ -487,7 +496,7 @@ class SiloDaemon:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.INVALID_ARGUMENT,
             ):
-                log.warning("round=%d silo=%s upload refused: %s", r, self.silo_id, exc.details())
+                log.warning("round=%d silo=%s upload refused: %s", r, self.silo_id, _said(exc))
                 return
             raise
         finally:

@@ -51,7 +51,8 @@ class HostileCoordinator(cgrpc.CoordinatorServicer):
 
     def Join(self, request, context):
         self.joins.append(request)
-        return cpb.JoinReply(run_id="r", heartbeat_interval_s=0.2)
+        # A negative interval would make the silo's heartbeat thread spin.
+        return cpb.JoinReply(run_id="r", heartbeat_interval_s=-5.0)
 
     def GetTask(self, request, context):
         with self.lock:
@@ -137,6 +138,7 @@ def test_silo_refuses_hostile_tasks_in_one_line_and_keeps_serving(data, caplog):
     finally:
         server.stop(0).wait()
     assert hostile.joins[0].sample_shape == [3, 4, 4] and hostile.joins[0].num_classes == 2
+    assert daemon.heartbeat_s == 0.1
     reasons = hostile.failures
     assert sorted(reasons) == list(range(1, 11)) and hostile.uploads == [11]
     assert "trainer.epochs must be an integer, got 1000000000.0" in reasons[1]
