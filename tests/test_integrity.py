@@ -174,9 +174,8 @@ def test_failure_report_stops_the_wait_for_that_silo(harness, caplog):
     h.join("s1", "s2")
     h.open_round()
     reason = "data does not fit\nthe model " + "z" * 10_000
-    h.stub.ReportFailure(
-        cpb.FailureReport(silo_id="s2", run_id="run1", round=1, reason=reason), timeout=5
-    )
+    report = cpb.FailureReport(silo_id="s2", run_id="run1", round=1, reason=reason)
+    assert h.stub.ReportFailure(report, timeout=5).current_round == 1
     with h.coordinator._cond:  # no more TRAIN for s2 this round (GetTask would long-poll)
         assert h.coordinator._task_for("s2") is None
         assert h.coordinator._task_for("s1").kind == cpb.Task.TRAIN
@@ -185,6 +184,9 @@ def test_failure_report_stops_the_wait_for_that_silo(harness, caplog):
     assert not h.thread.is_alive()  # closed long before the 30 s deadline
     record = read_jsonl(h.store.metrics_path)[0]
     assert record["num_results"] == 1 and record["missing"] == ["s2"]
+    # Metered like every call: s2's only traffic in round 1 is this report and its reply.
+    s2 = {s["silo_id"]: s for s in record["silos"]}["s2"]
+    assert (s2["bytes_up"], s2["bytes_down"]) == (report.ByteSize(), 2)
     lines = [r.getMessage() for r in caplog.records]
     reported = [m for m in lines if m.startswith("round=1 silo=s2 reported a failure")]
     assert len(reported) == 1 and "\n" not in reported[0] and len(reported[0]) < 500
