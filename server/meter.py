@@ -68,3 +68,8 @@ class Meter:
         """The silos with any traffic in the round."""
         with self._lock:
             return sorted({s for (r, s, _) in self._counts if r == round_num})
+
+    def total(self, direction: str) -> int:
+        """Serialized bytes of every round and silo in ``direction``."""
+        with self._lock:
+            return sum(c.bytes for (_, _, d), c in self._counts.items() if d == direction)
