@@ -20,15 +20,17 @@ def _config(run_dir: Path) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def round_progress(status: dict[str, Any]) -> str | None:
-    """``round 3: 2/3 silos reported (silo-1, silo-3)`` while a round is open, else None."""
-    if status["phase"] != "train" or not status["selected"]:
-        return None
-    reported = status["reported"]
+def round_progress(round_num: int, selected: int, reported: list[str]) -> str:
+    """``round 3: 2/3 silos reported (silo-1, silo-3)``."""
     names = f" ({', '.join(reported)})" if reported else ""
-    return (
-        f"round {status['round']}: {len(reported)}/{len(status['selected'])} silos reported{names}"
-    )
+    return f"round {round_num}: {len(reported)}/{selected} silos reported{names}"
+
+
+def open_round_progress(status: dict[str, Any]) -> str | None:
+    """``round_progress`` of the round in progress, from ``read_status``; None between rounds."""
+    if status["phase"] not in ("train", "aggregate") or not status["selected"]:
+        return None
+    return round_progress(status["round"], len(status["selected"]), status["reported"])
 
 
 def describe(run_dir: Path, now: float | None = None) -> str:
