@@ -52,5 +52,5 @@ def load_import_path(path: str, what: str) -> Callable[..., Any]:
             raise ValueError(f"{what} {path!r}: {module_name} has no attribute {attribute!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"{what} {path!r}: {attribute} is a {type(obj).__name__}, not callable")
+        raise ValueError(f"{what} {path!r}: {attribute} is not callable (a {type(obj).__name__!r})")
     return obj

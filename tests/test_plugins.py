@@ -109,7 +109,7 @@ def test_any_torchvision_classification_model_builds_by_name():
     [
         ("nowhere_pkg_xyz:build", "module 'nowhere_pkg_xyz' not found"),
         ("{mod}:missing", "has no attribute 'missing'"),
-        ("{mod}:NOT_CALLABLE", "NOT_CALLABLE is a int, not callable"),
+        ("{mod}:NOT_CALLABLE", "NOT_CALLABLE is not callable (a 'int')"),
         ("{mod}:not_a_model", "returned a str, not an nn.Module"),
         (":build", "an import path is 'package.module:name'"),
         ("resnet19", "unknown model 'resnet19'"),
