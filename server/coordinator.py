@@ -119,7 +119,8 @@ class Coordinator:
         run_id: str | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
     ) -> None:
-        """``on_round``: called with each round's record once it is committed (TensorBoard)."""
+        """``on_round``: called with each round's record once it is committed (TensorBoard);
+        an exception it raises is logged, not raised."""
         self.cfg = cfg
         self.on_round = on_round
         self.store = store
@@ -579,7 +580,10 @@ class Coordinator:
         held = self._broadcast if self.cfg.compression.delta_downlink else None
         self.store.commit_round(self.global_state, record, held)
         if self.on_round is not None:
-            self.on_round(record)
+            try:
+                self.on_round(record)
+            except Exception as exc:  # monitoring (a full disk ...) never stops the run
+                log.warning("round=%d not written to TensorBoard: %s", round_num, exc)
         log.info(
             "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
             round_num,

@@ -330,6 +330,14 @@ class SiloDaemon:
         trainer = make_trainer(trainer_spec)
         torch.manual_seed(task.seed)
         metrics = trainer.train(model, self._x, self._y, seed=task.seed)
+        if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in metrics.items()
+        ):
+            raise ValueError(
+                f"trainer {trainer_spec.get('name')!r} must return a dict of metric name -> "
+                f"number, got {str(metrics)[:200]}"
+            )
         t2 = time.monotonic()
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",

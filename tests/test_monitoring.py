@@ -1,6 +1,7 @@
 """The coordinator's Prometheus endpoint, scraped over HTTP on 127.0.0.1 while a real
 in-process gRPC service runs rounds."""
 
+import json
 import urllib.request
 
 import grpc
@@ -9,6 +10,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from lssfl.common.config import ConfigError, parse_config
+from lssfl.common.records import RoundRecord
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.server.prometheus import serve_metrics
 from tests.conftest import read_jsonl
@@ -72,3 +74,42 @@ def test_monitoring_options_are_checked():
     assert parse_config(base).coordinator.prometheus_port is None  # off by default
     with pytest.raises(ConfigError, match="coordinator.prometheus_port must be 0..65535"):
         parse_config(base | {"coordinator": {"prometheus_port": 70000}})
+
+
+def test_round_progress_redraws_one_line_on_a_terminal_and_keeps_lines_in_a_pipe(tmp_path, capsys):
+    from lssfl.launcher import _RoundProgress
+    from lssfl.server.store import RoundStore
+    from tests.test_report import _record
+
+    store = RoundStore(tmp_path)
+    try:
+        store.set_phase(1, "train")
+        store.put(selected=json.dumps(["silo-1", "silo-2", "silo-3"]), reported="[]")
+        # silo-3 never answers: the record says it was missing
+        record = RoundRecord.from_dict(_record("fedavg", 1, 0.5, 10, 10, missing=("silo-3",)))
+        for tty in (True, False):
+            progress = _RoundProgress(tmp_path)
+            progress.tty = tty
+            progress.update()
+            store.put(reported=json.dumps(["silo-2"]))
+            progress.update()
+            progress.update()  # nothing new: nothing drawn
+            progress.finish(record)
+            print("ROW")
+            store.put(reported="[]")
+            out = capsys.readouterr().out
+            if tty:
+                assert out == (
+                    "\r" "round 1: 0/3 silos reported\x1b[K"
+                    "\r" "round 1: 1/3 silos reported (silo-2)\x1b[K"
+                    "\r\x1b[K" "ROW\n"
+                )  # fmt: skip
+            else:
+                assert out == (
+                    "round 1: 0/3 silos reported\n"
+                    "round 1: 1/3 silos reported (silo-2)\n"
+                    "round 1: 2/3 silos reported (silo-1, silo-2)\n"  # from the record
+                    "ROW\n"
+                )
+    finally:
+        store.close()
