@@ -2,6 +2,7 @@
 in-process gRPC service runs rounds."""
 
 import json
+import sys
 import urllib.request
 
 import grpc
@@ -65,7 +66,7 @@ def test_prometheus_shows_rounds_silos_bytes_and_refusals(tmp_path):
         h.close()
 
 
-def test_monitoring_options_are_checked():
+def test_monitoring_options_are_checked(monkeypatch):
     base = {"silos": ["a"], "model": {"init": "random"}}
     cfg = parse_config(
         base | {"coordinator": {"prometheus_port": 9464}, "run": {"tensorboard": True}}
@@ -74,6 +75,10 @@ def test_monitoring_options_are_checked():
     assert parse_config(base).coordinator.prometheus_port is None  # off by default
     with pytest.raises(ConfigError, match="coordinator.prometheus_port must be 0..65535"):
         parse_config(base | {"coordinator": {"prometheus_port": 70000}})
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"run.tensorboard needs the tensorboard package: "
+                       r"pip install 'lssfl\[tensorboard\]'"):  # fmt: skip
+        parse_config(base | {"run": {"tensorboard": True}})
 
 
 def test_round_progress_redraws_one_line_on_a_terminal_and_keeps_lines_in_a_pipe(tmp_path, capsys):
