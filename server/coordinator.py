@@ -16,6 +16,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -48,7 +49,8 @@ from lssfl.server.store import HEARTBEAT_RECORD_S, RoundStore
 log = logging.getLogger("lssfl.coordinator")
 
 Evaluate = Callable[[dict[str, torch.Tensor]], tuple[float, float]]
-# What every silo's data must look like for the model: one sample's shape, number of classes.
+# What every silo's data must look like for the model: one sample's shape (as the test
+# data's), number of classes (0: unknown).
 DataSpec = tuple[tuple[int, ...], int]
 # Heartbeat intervals a silo may miss before it counts as gone (plus a 2 s allowance).
 MISSED_BEATS = 3
@@ -102,6 +104,20 @@ def _metered(tensors: list[WireTensor], header: pb.ModelChunk) -> Metered:
     return [(to_wire(m), message_sizes(m)) for m in stream_tensors(tensors, header)]
 
 
+@dataclass
+class Snapshot:
+    """The coordinator's figures at one moment (lssfl.server.prometheus serves them)."""
+
+    round: int
+    rounds_completed: int
+    live_silos: int
+    enrolled_silos: int
+    bytes_down: int  # serialized bytes sent and received since this process started
+    bytes_up: int
+    refusals: dict[str, int]  # refused calls by gRPC status code name
+    global_accuracy: float | None
+
+
 class Coordinator:
     """The round state machine: joins, tasks, downloads, uploads, aggregation."""
 
@@ -112,11 +128,14 @@ class Coordinator:
         initial_state: dict[str, torch.Tensor],
         evaluate: Evaluate,
         run_id: str | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
         data_spec: DataSpec | None = None,
     ) -> None:
-        """``data_spec``: the sample shape and class count silos must declare at Join
-        (None: not checked)."""
+        """``on_round``: called with each round's record once it is committed (TensorBoard);
+        an exception it raises is logged, not raised. ``data_spec``: the sample shape and class
+        count silos must declare at Join (None: not checked)."""
         self.cfg = cfg
+        self.on_round = on_round
         self.data_spec = data_spec
         self.store = store
         self.evaluate = evaluate
@@ -144,6 +163,28 @@ class Coordinator:
         # Every task carries these; serialized once, not on each long poll.
         self._model_json = json.dumps(cfg.model_spec, sort_keys=True)
         self._trainer_json = json.dumps(cfg.trainer, sort_keys=True)
+        self._refusals: Counter[str] = Counter()
+        self._progress_lock = threading.Lock()
+
+    def count_refusal(self, code: grpc.StatusCode) -> None:
+        """Count one refused call (the service calls this for every refusal it answers)."""
+        with self._cond:
+            self._refusals[code.name] += 1
+
+    def snapshot(self) -> Snapshot:
+        """The figures a monitoring scrape shows, read in one go."""
+        with self._cond:
+            last = self._last_record
+            return Snapshot(
+                round=self._round,
+                rounds_completed=last.round if last else 0,
+                live_silos=len(self._alive(time.monotonic())),
+                enrolled_silos=len(self.cfg.silos),
+                bytes_down=self.meter.total(DOWN),
+                bytes_up=self.meter.total(UP),
+                refusals=dict(self._refusals),
+                global_accuracy=last.global_accuracy if last else None,
+            )
 
     # ------------------------------------------------------------------ RPC side
 
@@ -211,7 +252,7 @@ class Coordinator:
         if req.sample_shape and tuple(req.sample_shape) != shape:
             declared = list(req.sample_shape)[:9]
             return f"data samples have shape {declared}, the model takes {list(shape)}"
-        if req.num_classes and req.num_classes != classes:
+        if classes and req.num_classes and req.num_classes != classes:
             return f"data has {req.num_classes} classes, the model predicts {classes}"
         return None
 
@@ -310,6 +351,13 @@ class Coordinator:
             self._results.setdefault(silo, result)
             self._silos[silo].state = "idle"
             self._cond.notify_all()
+        # For `lssfl run` and `lssfl status`; the lock keeps a slower writer from putting back
+        # a shorter list.
+        with self._progress_lock:
+            with self._cond:
+                reported = sorted(self._results) if self._round == round_num else None
+            if reported is not None:
+                self.store.put(reported=json.dumps(reported))
         if self.cfg.coordinator.save_uploads:
             self.store.save_upload(round_num, silo, decoded.state)
         log.info(
@@ -570,6 +618,8 @@ class Coordinator:
             selected = sorted(self._selected)
             self._cond.notify_all()
         self.store.set_phase(round_num, "train")
+        with self._progress_lock:
+            self.store.put(selected=json.dumps(selected), reported="[]")
         log.info("round=%d opened for %s", round_num, ", ".join(selected))
         with self._cond:
             wanted = min(self._wanted(), len(self._selected))
@@ -692,6 +742,11 @@ class Coordinator:
         # with the round, so a resumed run sends the same bytes as an uninterrupted one.
         held = self._broadcast if self.cfg.compression.delta_downlink else None
         self.store.commit_round(self.global_state, record, held)
+        if self.on_round is not None:
+            try:
+                self.on_round(record)
+            except Exception as exc:  # monitoring (a full disk ...) never stops the run
+                log.warning("round=%d not written to TensorBoard: %s", round_num, exc)
         log.info(
             "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
             round_num,

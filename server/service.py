@@ -100,6 +100,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
                 self.gate.check(context, silo_id)
             return method(*args)
         except RpcError as exc:
+            self.c.count_refusal(exc.code)
             context.abort(exc.code, str(exc))
         except grpc.RpcError:
             # Reading the request stream failed: gRPC ended the call because the client

@@ -13,7 +13,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from lssfl.common.config import ConfigError
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
 from lssfl.common.peertext import MAX_PEER_REASON, peer_text
+from lssfl.common.plugins import check_allowed, is_import_path
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
@@ -90,11 +91,14 @@ def _one_line(exc: BaseException) -> str:
     return peer_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 300)
 
 
-def check_task(task: cpb.Task, max_epochs: int, max_model_mb: float) -> dict[str, Any]:
-    """The task's trainer spec, every field checked against this silo's limits; TaskRefused
-    (one line) for a field a coordinator should never send: unparsable JSON, an unknown or
-    oversized model, a trainer parameter of the wrong type or out of bounds, too many
-    epochs, an unknown codec."""
+def check_task(
+    task: cpb.Task, allowed_plugins: Collection[str], max_epochs: int, max_model_mb: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The task's model spec and trainer spec, every field checked against this silo's limits;
+    TaskRefused (one line) for a field a coordinator should never send: unparsable JSON, an
+    unknown or oversized model, a trainer parameter of the wrong type or out of bounds, too
+    many epochs, an unknown codec. PluginNotAllowed (the silo stops) for an import path its
+    command line does not allow, before anything is imported."""
     try:
         model_spec = json.loads(task.model_json)
         trainer = json.loads(task.trainer_json)
@@ -102,17 +106,24 @@ def check_task(task: cpb.Task, max_epochs: int, max_model_mb: float) -> dict[str
         raise TaskRefused(f"task JSON does not parse: {_one_line(exc)}") from None
     if not isinstance(model_spec, dict) or not isinstance(trainer, dict):
         raise TaskRefused("task model and trainer must be JSON objects")
+    check_allowed(str(model_spec.get("name")), allowed_plugins, "model")
+    check_allowed(str(trainer.get("name")), allowed_plugins, "trainer")
     try:
-        # On the meta device: an architecture of 10^12 parameters is refused unallocated.
-        with torch.device("meta"):
-            meta_model = build_model(model_spec)
         spec = trainer_spec(trainer)
         parse_codec(task.uplink_codec or "fp32")
+        if not is_import_path(str(model_spec.get("name"))):
+            # On the meta device: an architecture of 10^12 parameters is refused unallocated.
+            # (A site's own model, allowed by its operator, is bounded by its download.)
+            with torch.device("meta"):
+                meta_model = build_model(model_spec)
+            sizes = (t.numel() * t.element_size() for t in meta_model.state_dict().values())
+            model_mb = sum(sizes) / 2**20
+            if model_mb > max_model_mb:
+                raise TaskRefused(
+                    f"model of {model_mb:.0f} MB exceeds --max-model-mb {max_model_mb:g}"
+                )
     except (ValueError, TypeError, ConfigError, CodecError) as exc:
         raise TaskRefused(peer_text(" ".join(str(exc).split()), 300)) from None
-    model_mb = sum(t.numel() * t.element_size() for t in meta_model.state_dict().values()) / 2**20
-    if model_mb > max_model_mb:
-        raise TaskRefused(f"model of {model_mb:.0f} MB exceeds --max-model-mb {max_model_mb:g}")
     for key, value in spec.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise TaskRefused(f"trainer.{key} is {value}, not a finite number")
@@ -126,7 +137,7 @@ def check_task(task: cpb.Task, max_epochs: int, max_model_mb: float) -> dict[str
         raise TaskRefused(
             f"task asks for {epochs} local epochs, more than --max-epochs {max_epochs}"
         )
-    return spec
+    return model_spec, spec
 
 
 def check_received(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
@@ -169,13 +180,17 @@ class SiloDaemon:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         tls_files: tuple[Path | None, Path | None, Path | None] | None = None,
+        allowed_plugins: Collection[str] = (),
         max_epochs: int = MAX_EPOCHS,
         max_model_mb: float = MAX_MODEL_MB,
     ) -> None:
         """``tls_files``: the (ca, cert, key) paths behind ``credentials`` (None each for
         plaintext), to explain a failed handshake; None: not known, not explained.
+        ``allowed_plugins``: the import paths (model or trainer) a task may name; a task
+        naming another one ends the silo with PluginNotAllowed (lssfl.common.plugins).
         ``max_epochs`` and ``max_model_mb`` bound what a task may ask of this silo."""
         self.address = coordinator
+        self.allowed_plugins = frozenset(allowed_plugins)
         self.max_epochs = max_epochs
         self.max_model_mb = max_model_mb
         self._refused: tuple[str, int] | None = None  # (run, round) this silo gave up on
@@ -213,6 +228,7 @@ class SiloDaemon:
         cert: Path | None = None,
         key: Path | None = None,
         token_file: Path | None = None,
+        allowed_plugins: Collection[str] = (),
         max_epochs: int = MAX_EPOCHS,
         max_model_mb: float = MAX_MODEL_MB,
     ) -> SiloDaemon:
@@ -229,6 +245,7 @@ class SiloDaemon:
             credentials,
             token,
             (ca, cert, key),
+            allowed_plugins,
             max_epochs,
             max_model_mb,
         )
@@ -411,7 +428,11 @@ class SiloDaemon:
     def train_round(self, task: cpb.Task) -> None:
         """Download the round's model, train it locally, upload the result."""
         r = self.round = task.round
-        trainer_params = check_task(task, self.max_epochs, self.max_model_mb)
+        # Before a byte is downloaded: the names come from the coordinator, and importing a
+        # module runs its code.
+        model_spec, trainer_params = check_task(
+            task, self.allowed_plugins, self.max_epochs, self.max_model_mb
+        )
         t0 = time.monotonic()
         self.state = "downloading"
         try:
@@ -435,7 +456,7 @@ class SiloDaemon:
         )
 
         self.state = "training"
-        model = build_model(json.loads(task.model_json)).to(self.device)
+        model = build_model(model_spec).to(self.device)
         check_received(received.state, model)
         model.load_state_dict(received.state)
         trainer = make_trainer(trainer_params)
@@ -445,6 +466,14 @@ class SiloDaemon:
         except Exception as exc:  # data that does not fit the model, a trainer bug...
             log.debug("training failed", exc_info=True)
             raise TaskRefused(f"local training failed: {_one_line(exc)}") from None
+        if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in metrics.items()
+        ):
+            raise TaskRefused(
+                f"trainer {trainer_params.get('name')!r} must return a dict of metric name -> "
+                f"number, got {peer_text(str(metrics), 200)}"
+            )
         t2 = time.monotonic()
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",
