@@ -45,14 +45,39 @@ class SiloRound:
 
 
 @dataclass
+class SiloEvaluation:
+    """One silo's measure of a global model on its own held-out data."""
+
+    silo_id: str
+    accuracy: float
+    loss: float
+    num_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object."""
+        return dataclasses.asdict(self)
+
+
+def weighted_mean(evaluations: list[SiloEvaluation]) -> tuple[float, float]:
+    """(accuracy, loss) averaged over ``evaluations`` weighted by their sample counts."""
+    total = sum(e.num_samples for e in evaluations)
+    acc = sum(e.accuracy * e.num_samples for e in evaluations) / total
+    loss = sum(e.loss * e.num_samples for e in evaluations) / total
+    return acc, loss
+
+
+@dataclass
 class RoundRecord:
     """One committed round; round 0 is the initial model (status "initial", no silos trained)."""
 
     round: int
     algorithm: str  # the trainer's name
     status: str  # "initial", "ok" (aggregated), "insufficient" (too few results)
-    global_accuracy: float  # the global model on the held-out test split
-    global_loss: float
+    # The global model after this round: on the coordinator's test split, or (evaluation at
+    # the silos) the sample-weighted mean of the silos' figures. None: not measured yet (the
+    # silos measure round r's model when they download it in round r + 1).
+    global_accuracy: float | None
+    global_loss: float | None
     bytes_down: int  # sums over silos, as in SiloRound
     bytes_down_raw: int
     bytes_down_payload: int
@@ -69,16 +94,37 @@ class RoundRecord:
     missing: list[str]  # selected but not answered in time
     late_refused: int  # answers refused because their round had closed
     silos: list[SiloRound]
+    # Who measured global_accuracy: "coordinator", "silos" or "both" (then global_accuracy
+    # is the coordinator's and silo_accuracy the silos' mean). Older run folders lack these.
+    evaluation: str = "coordinator"
+    silo_accuracy: float | None = None  # sample-weighted mean over `evaluations`
+    silo_loss: float | None = None
+    evaluations: list[SiloEvaluation] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` object."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return d | {"silos": [s.to_dict() for s in self.silos]}
+        return d | {
+            "silos": [s.to_dict() for s in self.silos],
+            "evaluations": [e.to_dict() for e in self.evaluations],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
-        """Read back what ``to_dict`` wrote."""
+        """Read back what ``to_dict`` wrote (fields added since default when absent)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(
-            **{k: d[k] for k in fields} | {"silos": [SiloRound.from_dict(s) for s in d["silos"]]}
+            **{k: d[k] for k in fields if k in d}
+            | {
+                "silos": [SiloRound.from_dict(s) for s in d["silos"]],
+                "evaluations": [SiloEvaluation(**e) for e in d.get("evaluations", [])],
+            }
         )
+
+    def add_evaluations(self, evaluations: list[SiloEvaluation]) -> None:
+        """Record the silos' measures of this round's model (their weighted mean becomes
+        ``global_accuracy`` unless the coordinator measured it too)."""
+        self.evaluations = sorted(evaluations, key=lambda e: e.silo_id)
+        self.silo_accuracy, self.silo_loss = weighted_mean(self.evaluations)
+        if self.evaluation == "silos":
+            self.global_accuracy, self.global_loss = self.silo_accuracy, self.silo_loss

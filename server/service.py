@@ -142,6 +142,12 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         """A silo's sign of life."""
         return self._answer(context, request.silo_id, self.c.heartbeat, request)
 
+    def ReportEvaluation(
+        self, request: cpb.EvaluationReport, context: grpc.ServicerContext
+    ) -> cpb.EvaluationReply:
+        """A silo's measure of the final model on its own held-out data."""
+        return self._answer(context, request.silo_id, self.c.report_evaluation, request)
+
 
 def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | None:
     """TLS credentials from ``security.dir``, or None when TLS is off."""

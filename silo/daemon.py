@@ -14,18 +14,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
+from torch import Tensor
 
 from lssfl import __version__
 from lssfl.common.codecs import ErrorFeedback, parse_codec
 from lssfl.common.faults import crash_point
-from lssfl.common.models import build_model
+from lssfl.common.models import build_model, evaluate
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
+from lssfl.common.seeding import seed_of
 from lssfl.common.splits import Split, load_split
 from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
 from lssfl.common.wire import (
@@ -92,9 +94,11 @@ class SiloDaemon:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         tls_files: tuple[Path | None, Path | None, Path | None] | None = None,
+        own_test: Split | None = None,
     ) -> None:
         """``tls_files``: the (ca, cert, key) paths behind ``credentials`` (None each for
-        plaintext), to explain a failed handshake; None: not known, not explained."""
+        plaintext), to explain a failed handshake; None: not known, not explained.
+        ``own_test``: the silo's own test split, evaluated on when the silos evaluate."""
         self.address = coordinator
         self._tls_files = tls_files
         self.silo_id = silo_id
@@ -117,6 +121,42 @@ class SiloDaemon:
         self._feedback = ErrorFeedback()
         self._x = data.x.to(device)
         self._y = data.y.to(device)
+        # Evaluation at the silos: (the task's evaluation_json, train x, y, held-out x, y).
+        self._eval_split: tuple[str, Tensor, Tensor, Tensor, Tensor] | None = None
+        self._own_test = own_test
+
+    def _split_for(self, evaluation_json: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(train x, y, held-out x, y) under the task's evaluation settings: the silo's own
+        test split when it has one, else a fraction of its data drawn from (run seed, silo)."""
+        if self._eval_split is not None and self._eval_split[0] == evaluation_json:
+            return self._eval_split[1:]
+        settings = _evaluation_settings(evaluation_json)
+        if self._own_test is not None:
+            test = self._own_test
+            split = (self._x, self._y, test.x.to(self.device), test.y.to(self.device))
+        else:
+            n = len(self._y)
+            generator = torch.Generator().manual_seed(
+                seed_of("holdout", settings["seed"], self.silo_id)
+            )
+            order = torch.randperm(n, generator=generator)
+            cut = min(n - 1, max(1, round(settings["holdout"] * n)))
+            held, train = order[:cut].sort().values, order[cut:].sort().values
+            split = (
+                self._x[train.to(self.device)],
+                self._y[train.to(self.device)],
+                self._x[held.to(self.device)],
+                self._y[held.to(self.device)],
+            )
+        log.info(
+            "silo=%s evaluates on %d held-out samples (%s), trains on %d",
+            self.silo_id,
+            len(split[3]),
+            "its own test split" if self._own_test is not None else "drawn from its data",
+            len(split[1]),
+        )
+        self._eval_split = (evaluation_json, *split)
+        return split
 
     @classmethod
     def from_folder(
@@ -133,6 +173,7 @@ class SiloDaemon:
     ) -> SiloDaemon:
         """Build from paths, validating each; errors name the file at fault."""
         data = load_split(data_dir)
+        own_test = load_split(data_dir / "test") if (data_dir / "test").is_dir() else None
         credentials = channel_credentials(ca, cert, key)
         token = read_secret(token_file, "token file").decode().strip() if token_file else None
         return cls(
@@ -144,6 +185,7 @@ class SiloDaemon:
             credentials,
             token,
             (ca, cert, key),
+            own_test,
         )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
@@ -240,6 +282,8 @@ class SiloDaemon:
                         return
                     if task.kind == cpb.Task.TRAIN:
                         self.train_round(task)
+                    elif task.kind == cpb.Task.EVALUATE:
+                        self.evaluate_final(task)
                 except WireError as exc:
                     # A stream that does not decode (or a delta against a model we no longer
                     # hold): forget the held model and ask again for the whole one.
@@ -269,9 +313,11 @@ class SiloDaemon:
                 beat.join()
             self._channel.close()
 
-    def _download(self, task: cpb.Task) -> DecodedModel:
-        """This round's model; only the change when we still hold the previous round's."""
-        held_round, held = self._held if self._held else (None, None)
+    def _download(self, task: cpb.Task, keep: bool = True) -> DecodedModel:
+        """This round's model; only the change when we still hold the previous round's.
+        ``keep``: hold it as the base of the next delta (not the final model's evaluation,
+        which is sent whole and is not what a resumed run's next round is a delta to)."""
+        held_round, held = self._held if self._held and keep else (None, None)
         request = cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=task.round)
         if held_round is not None:
             request.have_round = held_round
@@ -285,8 +331,55 @@ class SiloDaemon:
         head = received.header.download
         if head.HasField("base_round") and head.base_round != held_round:
             raise WireError(f"delta against round {head.base_round}, we hold {held_round}")
-        self._held = (task.round, received.state)
+        if keep:
+            self._held = (task.round, received.state)
         return received
+
+    def _measure(self, model: torch.nn.Module, task: cpb.Task) -> pb.Evaluation:
+        """``model`` (as received) on this silo's held-out data."""
+        _, _, x, y = self._split_for(task.evaluation_json)
+        with torch.no_grad():
+            accuracy, loss = evaluate(model, x, y)
+        log.info(
+            "round=%d silo=%s received model: accuracy=%.4f loss=%.4f on %d held-out samples",
+            task.round,
+            self.silo_id,
+            accuracy,
+            loss,
+            len(y),
+        )
+        return pb.Evaluation(loss=loss, accuracy=accuracy, num_samples=len(y))
+
+    def evaluate_final(self, task: cpb.Task) -> None:
+        """EVALUATE: download the final model, measure it, report the figures."""
+        try:
+            received = self._download(task, keep=False)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning(
+                    "round=%d silo=%s download refused: %s", task.round, self.silo_id, exc.details()
+                )
+                return
+            raise
+        model = build_model(json.loads(task.model_json)).to(self.device)
+        model.load_state_dict(received.state)
+        report = cpb.EvaluationReport(
+            silo_id=self.silo_id,
+            run_id=task.run_id,
+            round=task.round,
+            evaluation=self._measure(model, task),
+        )
+        try:
+            self._stub.ReportEvaluation(report, timeout=30, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() not in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                raise
+            log.warning(
+                "round=%d silo=%s evaluation refused: %s", task.round, self.silo_id, exc.details()
+            )
 
     def train_round(self, task: cpb.Task) -> None:
         """Download the round's model, train it locally, upload the result."""
@@ -312,17 +405,21 @@ class SiloDaemon:
         self.state = "training"
         model = build_model(json.loads(task.model_json)).to(self.device)
         model.load_state_dict(received.state)
+        x, y, evaluation = self._x, self._y, None
+        if task.evaluation_json:
+            x, y, _, _ = self._split_for(task.evaluation_json)
+            evaluation = self._measure(model, task)
         trainer_spec = json.loads(task.trainer_json)
         trainer = make_trainer(trainer_spec)
         torch.manual_seed(task.seed)
-        metrics = trainer.train(model, self._x, self._y, seed=task.seed)
+        metrics = trainer.train(model, x, y, seed=task.seed)
         t2 = time.monotonic()
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",
             r,
             self.silo_id,
             trainer_spec.get("name"),
-            self.data.num_samples,
+            len(y),
             t2 - t1,
             " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
         )
@@ -333,9 +430,10 @@ class SiloDaemon:
                 run_id=task.run_id,
                 round=r,
                 silo_id=self.silo_id,
-                num_samples=self.data.num_samples,
+                num_samples=len(y),
                 train_seconds=t2 - t1,
                 metrics=metrics,
+                evaluation=evaluation,
             )
         )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -379,3 +477,16 @@ class SiloDaemon:
             time.monotonic() - t2,
             reply.message,
         )
+
+
+def _evaluation_settings(text: str) -> dict[str, Any]:
+    """The task's evaluation_json, checked: {"holdout": fraction in (0, 1), "seed": int}.
+    The coordinator may be hostile too: anything else stops the silo with one line."""
+    try:
+        settings = json.loads(text)
+        holdout, seed = settings["holdout"], settings["seed"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"task evaluation_json {text[:200]!r} is not valid") from None
+    if not (isinstance(holdout, float) and 0.0 < holdout < 1.0) or not isinstance(seed, int):
+        raise ValueError(f"task evaluation_json {text[:200]!r} is out of range")
+    return {"holdout": holdout, "seed": seed}

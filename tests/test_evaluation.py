@@ -1,0 +1,174 @@
+"""Evaluation at the silos: the coordinator's side over a real loopback gRPC service, and a
+whole `lssfl run` on folders with no test split at the centre."""
+
+import math
+import threading
+
+import grpc
+import pytest
+import torch
+
+from lssfl.common.config import ConfigError, load_config
+from lssfl.common.dataroot import prepare_data_root, with_evaluation_resolved
+from lssfl.common.records import RoundRecord
+from lssfl.common.splits import load_split, save_split
+from lssfl.common.wire import encode_model
+from lssfl.proto import coordinator_pb2 as cpb
+from lssfl.proto import tensor_pb2 as pb
+from tests.conftest import read_jsonl, run_lssfl, wait_for
+from tests.test_service import Harness, _code
+
+
+def _upload(h, state, silo, evaluation):
+    header = pb.ModelChunk(
+        upload=pb.UploadHeader(
+            run_id="run1", round=1, silo_id=silo, num_samples=8, evaluation=evaluation
+        )
+    )
+    return h.stub.UploadResult(iter(encode_model(state, header)), timeout=30)
+
+
+def _report(h, silo, accuracy, loss=0.5, n=5, round_num=1):
+    ev = pb.Evaluation(accuracy=accuracy, loss=loss, num_samples=n)
+    request = cpb.EvaluationReport(silo_id=silo, run_id="run1", round=round_num, evaluation=ev)
+    return h.stub.ReportEvaluation(request, timeout=10)
+
+
+def _task(h, silo):
+    return h.stub.GetTask(cpb.TaskRequest(silo_id=silo, run_id="run1"), timeout=10)
+
+
+def test_silo_figures_go_to_the_round_whose_model_they_measured_bounded_and_metered(tmp_path):
+    state = {"w": torch.randn(4, 3)}
+    h = Harness(tmp_path, state, evaluation={"where": "silos", "holdout": 0.25}, rounds=1)
+    thread = threading.Thread(target=h.coordinator.run)
+    try:
+        h.join("s1", "s2")  # each declares 10 samples
+        thread.start()
+        task = _task(h, "s1")
+        assert task.kind == cpb.Task.TRAIN and task.round == 1
+        assert task.evaluation_json == '{"holdout": 0.25, "seed": 0}'
+        # Round 0 (the initial model) is committed before any silo has measured it.
+        assert read_jsonl(tmp_path / "metrics.jsonl")[0]["global_accuracy"] is None
+
+        # An upload's evaluation is bounded like everything else a silo sends.
+        for bad, why in [
+            (pb.Evaluation(accuracy=1.5, loss=0.1, num_samples=4), "accuracy must be in [0, 1]"),
+            (pb.Evaluation(accuracy=math.nan, loss=0.1, num_samples=4), "accuracy"),
+            (pb.Evaluation(accuracy=0.5, loss=math.inf, num_samples=4), "loss must be a finite"),
+            (pb.Evaluation(accuracy=0.5, loss=0.1, num_samples=11), "num_samples must be in"),
+        ]:
+            code, details = _code(lambda bad=bad: _upload(h, state, "s1", bad))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and why in details, details
+        # The model received in round 1 is round 0's: that is where the figures go.
+        _upload(h, state, "s1", pb.Evaluation(accuracy=0.5, loss=2.0, num_samples=2))
+        _upload(h, state, "s2", pb.Evaluation(accuracy=0.75, loss=1.0, num_samples=6))
+
+        wait_for(lambda: _task(h, "s2").kind == cpb.Task.EVALUATE, 20, "the EVALUATE task")
+        r0 = RoundRecord.from_dict(read_jsonl(tmp_path / "metrics.jsonl")[0])
+        assert r0.global_accuracy == pytest.approx((0.5 * 2 + 0.75 * 6) / 8)
+        assert r0.global_loss == pytest.approx((2.0 * 2 + 1.0 * 6) / 8)
+        assert [(e.silo_id, e.num_samples) for e in r0.evaluations] == [("s1", 2), ("s2", 6)]
+
+        # The final model: downloaded whole, then measured through ReportEvaluation, which
+        # is authenticated, bounded and metered like every other call.
+        assert h.download("s1").state["w"].equal(h.coordinator.global_state["w"])
+        code, _ = _code(lambda: _report(h, "mallory", 0.5))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        code, details = _code(lambda: _report(h, "s1", -0.1))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "[0, 1]" in details
+        code, details = _code(lambda: _report(h, "s1", 0.5, round_num=7))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 7" in details
+        before = h.coordinator.meter.get(1, "s1", "up").messages
+        assert _report(h, "s1", 1.0, n=3).accepted
+        assert h.coordinator.meter.get(1, "s1", "up").messages == before + 1
+        assert _report(h, "s2", 0.0, n=1).accepted
+        wait_for(lambda: _task(h, "s1").kind == cpb.Task.DONE, 20, "the run to end")
+        assert _task(h, "s2").kind == cpb.Task.DONE
+        thread.join(20)
+        assert not thread.is_alive()
+    finally:
+        h.close()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1]
+    r1 = records[1]
+    assert r1["evaluation"] == "silos" and r1["global_accuracy"] == pytest.approx(3 / 4)
+    assert {e["silo_id"]: e["accuracy"] for e in r1["evaluations"]} == {"s1": 1.0, "s2": 0.0}
+
+
+def test_where_defaults_to_silos_without_a_test_split_and_coordinator_with_one(tmp_path):
+    base = {"silos": ["a"], "model": {"init": "random"}}
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({**base, "data": {"kind": "folders", "root": str(tmp_path)}}))
+    assert with_evaluation_resolved(load_config(path)).evaluation.where == "silos"
+    (tmp_path / "test").mkdir()
+    assert with_evaluation_resolved(load_config(path)).evaluation.where == "coordinator"
+    (tmp_path / "test").rmdir()
+    path.write_text(
+        yaml.safe_dump(
+            {
+                **base,
+                "data": {"kind": "folders", "root": str(tmp_path)},
+                "evaluation": {"where": "both"},
+            }  # fmt: skip
+        )
+    )
+    with pytest.raises(ConfigError, match="evaluation.where 'both' needs the coordinator's test"):
+        with_evaluation_resolved(load_config(path))
+    for bad, message in [
+        ({"where": "centre"}, "evaluation.where must be one of coordinator, silos, both"),
+        ({"holdout": 1.0}, r"evaluation.holdout must be in \(0, 1\)"),
+    ]:
+        path.write_text(yaml.safe_dump({**base, "evaluation": bad}))
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+
+
+@pytest.mark.slow
+def test_lssfl_run_on_folders_without_a_test_split_is_evaluated_at_the_silos(
+    tmp_path, write_config
+):
+    emb = prepare_data_root(load_config(write_config("gen.yaml")))
+    root = tmp_path / "folders"
+    for silo, src in list(emb.silo_dirs.items())[:2]:
+        split = load_split(src)
+        save_split(root / silo, split.x, split.y)
+    # silo-2 has its own test split: it evaluates on that and trains on all its data.
+    test = load_split(emb.test_dir)
+    save_split(root / "silo-2" / "test", test.x[:50], test.y[:50])
+    config = write_config(
+        run={"rounds": 1},  # round 0 measured at round 1's download, round 1 by EVALUATE
+        silos=["silo-1", "silo-2"],
+        data={"kind": "folders", "root": str(root)},
+        model={"init": "random"},
+        coordinator={"min_silos": 2},
+    )
+    run_dir = tmp_path / "run"
+    proc = run_lssfl("run", "--config", str(config), "--run-dir", str(run_dir), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1]
+    n1 = load_split(root / "silo-1").num_samples
+    for rec in records:
+        assert rec["evaluation"] == "silos"
+        by_silo = {e["silo_id"]: e for e in rec["evaluations"]}
+        assert by_silo["silo-1"]["num_samples"] == round(0.2 * n1)
+        assert by_silo["silo-2"]["num_samples"] == 50
+        weighted = sum(e["accuracy"] * e["num_samples"] for e in by_silo.values()) / sum(
+            e["num_samples"] for e in by_silo.values()
+        )
+        assert rec["global_accuracy"] == pytest.approx(weighted, abs=1e-12)
+        assert 0.0 <= rec["global_accuracy"] <= 1.0
+    # silo-1 trains on what it did not hold out; silo-2 on all of its data.
+    trained = {s["silo_id"]: s["num_samples"] for s in records[1]["silos"]}
+    assert trained == {
+        "silo-1": n1 - round(0.2 * n1),
+        "silo-2": load_split(root / "silo-2").num_samples,
+    }
+    report = (run_dir / "report.html").read_text()
+    assert "Evaluation at the silos" in report
+    silo_log = (run_dir / "logs" / "silo-2.log").read_text()
+    assert "evaluates on 50 held-out samples (its own test split)" in silo_log
