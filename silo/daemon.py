@@ -28,7 +28,15 @@ from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
 from lssfl.common.seeding import seed_of
-from lssfl.common.splits import Split, load_split
+from lssfl.common.silodata import (
+    ImageTransform,
+    LazyImages,
+    SiloData,
+    as_tensor,
+    check_num_classes,
+    open_silo_data,
+    subset,
+)
 from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
 from lssfl.common.wire import (
     FP32,
@@ -45,6 +53,7 @@ from lssfl.training.trainers import make_trainer
 
 log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")
+Images = Tensor | LazyImages
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -88,17 +97,15 @@ class SiloDaemon:
         self,
         coordinator: str,
         silo_id: str,
-        data: Split,
+        data: SiloData,
         device: torch.device,
         max_wait_s: float = 300.0,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         tls_files: tuple[Path | None, Path | None, Path | None] | None = None,
-        own_test: Split | None = None,
     ) -> None:
         """``tls_files``: the (ca, cert, key) paths behind ``credentials`` (None each for
-        plaintext), to explain a failed handshake; None: not known, not explained.
-        ``own_test``: the silo's own test split, evaluated on when the silos evaluate."""
+        plaintext), to explain a failed handshake; None: not known, not explained."""
         self.address = coordinator
         self._tls_files = tls_files
         self.silo_id = silo_id
@@ -119,13 +126,13 @@ class SiloDaemon:
         self._stop = threading.Event()
         self._held: tuple[int, dict[str, torch.Tensor]] | None = None
         self._feedback = ErrorFeedback()
-        self._x = data.x.to(device)
-        self._y = data.y.to(device)
+        on_device = data.to(device)
+        self._x, self._y = on_device.x, on_device.y
+        self._own_test = on_device.test
         # Evaluation at the silos: (the task's evaluation_json, train x, y, held-out x, y).
-        self._eval_split: tuple[str, Tensor, Tensor, Tensor, Tensor] | None = None
-        self._own_test = own_test
+        self._eval_split: tuple[str, Images, Tensor, Images, Tensor] | None = None
 
-    def _split_for(self, evaluation_json: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _split_for(self, evaluation_json: str) -> tuple[Images, Tensor, Images, Tensor]:
         """(train x, y, held-out x, y) under the task's evaluation settings: the silo's own
         test split when it has one, else a fraction of its data drawn from (run seed, silo)."""
         if self._eval_split is not None and self._eval_split[0] == evaluation_json:
@@ -133,7 +140,7 @@ class SiloDaemon:
         settings = _evaluation_settings(evaluation_json)
         if self._own_test is not None:
             test = self._own_test
-            split = (self._x, self._y, test.x.to(self.device), test.y.to(self.device))
+            split = (self._x, self._y, test.x, test.y)
         else:
             n = len(self._y)
             generator = torch.Generator().manual_seed(
@@ -143,9 +150,9 @@ class SiloDaemon:
             cut = min(n - 1, max(1, round(settings["holdout"] * n)))
             held, train = order[:cut].sort().values, order[cut:].sort().values
             split = (
-                self._x[train.to(self.device)],
+                subset(self._x, train),
                 self._y[train.to(self.device)],
-                self._x[held.to(self.device)],
+                subset(self._x, held),
                 self._y[held.to(self.device)],
             )
         log.info(
@@ -170,10 +177,13 @@ class SiloDaemon:
         cert: Path | None = None,
         key: Path | None = None,
         token_file: Path | None = None,
+        classes: Path | None = None,
+        transform: ImageTransform | None = None,
+        workers: int = 4,
     ) -> SiloDaemon:
-        """Build from paths, validating each; errors name the file at fault."""
-        data = load_split(data_dir)
-        own_test = load_split(data_dir / "test") if (data_dir / "test").is_dir() else None
+        """Build from paths, validating each; errors name the file at fault. ``classes``,
+        ``transform`` and ``workers``: for an image folder (lssfl.common.silodata)."""
+        data = open_silo_data(data_dir, classes, transform, workers)
         credentials = channel_credentials(ca, cert, key)
         token = read_secret(token_file, "token file").decode().strip() if token_file else None
         return cls(
@@ -185,7 +195,6 @@ class SiloDaemon:
             credentials,
             token,
             (ca, cert, key),
-            own_test,
         )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
@@ -241,11 +250,12 @@ class SiloDaemon:
         )
         self.run_id, self.heartbeat_s = reply.run_id, reply.heartbeat_interval_s or 2.0
         log.info(
-            "silo=%s joined run %s at %s (%d samples on %s)",
+            "silo=%s joined run %s at %s (%d samples, %s, on %s)",
             self.silo_id,
             self.run_id,
             self.address,
             self.data.num_samples,
+            self.data.kind,
             self.device,
         )
 
@@ -335,11 +345,19 @@ class SiloDaemon:
             self._held = (task.round, received.state)
         return received
 
+    def _model(self, task: cpb.Task, received: DecodedModel) -> torch.nn.Module:
+        """The task's model with the received weights, checked against this silo's labels."""
+        model = build_model(json.loads(task.model_json))
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        check_num_classes(self.data, heads[-1].out_features if heads else None)
+        model.load_state_dict(received.state)
+        return model.to(self.device)
+
     def _measure(self, model: torch.nn.Module, task: cpb.Task) -> pb.Evaluation:
         """``model`` (as received) on this silo's held-out data."""
         _, _, x, y = self._split_for(task.evaluation_json)
         with torch.no_grad():
-            accuracy, loss = evaluate(model, x, y)
+            accuracy, loss = evaluate(model, as_tensor(x), y)
         log.info(
             "round=%d silo=%s received model: accuracy=%.4f loss=%.4f on %d held-out samples",
             task.round,
@@ -361,8 +379,7 @@ class SiloDaemon:
                 )
                 return
             raise
-        model = build_model(json.loads(task.model_json)).to(self.device)
-        model.load_state_dict(received.state)
+        model = self._model(task, received)
         report = cpb.EvaluationReport(
             silo_id=self.silo_id,
             run_id=task.run_id,
@@ -403,8 +420,7 @@ class SiloDaemon:
         )
 
         self.state = "training"
-        model = build_model(json.loads(task.model_json)).to(self.device)
-        model.load_state_dict(received.state)
+        model = self._model(task, received)
         x, y, evaluation = self._x, self._y, None
         if task.evaluation_json:
             x, y, _, _ = self._split_for(task.evaluation_json)
@@ -412,7 +428,7 @@ class SiloDaemon:
         trainer_spec = json.loads(task.trainer_json)
         trainer = make_trainer(trainer_spec)
         torch.manual_seed(task.seed)
-        metrics = trainer.train(model, x, y, seed=task.seed)
+        metrics = trainer.train(model, as_tensor(x), y, seed=task.seed)
         t2 = time.monotonic()
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",
