@@ -134,7 +134,12 @@ def test_lssfl_run_on_folders_without_a_test_split_is_evaluated_at_the_silos(
     root = tmp_path / "folders"
     for silo, src in list(emb.silo_dirs.items())[:2]:
         split = load_split(src)
-        save_split(root / silo, split.x[:100], split.y[:100])  # small: training is not the point
+        x = split.x[:100]  # small: training is not the point
+        # silo-1's images are uint8 on disk, read per batch, and its held-out part is drawn
+        # from them without reading them.
+        save_split(
+            root / silo, (x * 255).round().to(torch.uint8) if silo == "silo-1" else x, split.y[:100]
+        )
     # silo-2 has its own test split: it evaluates on that and trains on all its data.
     test = load_split(emb.test_dir)
     save_split(root / "silo-2" / "test", test.x[:50], test.y[:50])
@@ -172,3 +177,5 @@ def test_lssfl_run_on_folders_without_a_test_split_is_evaluated_at_the_silos(
     assert "Evaluation at the silos" in report
     silo_log = (run_dir / "logs" / "silo-2.log").read_text()
     assert "evaluates on 50 held-out samples (its own test split)" in silo_log
+    silo_log = (run_dir / "logs" / "silo-1.log").read_text()
+    assert "(100 samples, uint8 on disk, read per batch, on cpu)" in silo_log
