@@ -11,10 +11,13 @@ import torch
 from lssfl.common.config import ConfigError, load_config
 from lssfl.common.dataroot import prepare_data_root, with_evaluation_resolved
 from lssfl.common.records import RoundRecord
+from lssfl.common.security import CA_CERT, channel_credentials, make_certs, silo_files
+from lssfl.common.silodata import SiloData
 from lssfl.common.splits import load_split, save_split
 from lssfl.common.wire import encode_model
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
+from lssfl.silo.daemon import SiloDaemon
 from tests.conftest import read_jsonl, run_lssfl, wait_for
 from tests.test_service import Harness, _code
 
@@ -179,3 +182,55 @@ def test_lssfl_run_on_folders_without_a_test_split_is_evaluated_at_the_silos(
     assert "evaluates on 50 held-out samples (its own test split)" in silo_log
     silo_log = (run_dir / "logs" / "silo-1.log").read_text()
     assert "(100 samples, uint8 on disk, read per batch, on cpu)" in silo_log
+
+
+def test_report_evaluation_is_authenticated_like_every_call(tmp_path):
+    folder = tmp_path / "certs"
+    make_certs(folder, ["silo-1", "silo-2"], ["localhost", "127.0.0.1"])
+    h = Harness(
+        tmp_path / "run",
+        {"w": torch.zeros(2)},
+        silos=("silo-1", "silo-2"),
+        security={"dir": str(folder), "tls": True, "tokens": True},
+        credentials=channel_credentials(folder / CA_CERT, None, None),
+        evaluation={"where": "silos"},
+    )
+    request = cpb.EvaluationReport(
+        silo_id="silo-1", run_id="run1", round=1, evaluation=pb.Evaluation(num_samples=1)
+    )
+
+    def report(token_of):
+        token = silo_files(folder, token_of)[2].read_text().strip() if token_of else ""
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        return h.stub.ReportEvaluation(request, timeout=10, metadata=metadata)
+
+    try:
+        code, details = _code(lambda: report(None))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "missing bearer token" in details
+        code, details = _code(lambda: report("silo-2"))  # another silo's token
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "not valid for silo 'silo-1'" in details
+        # Its own token gets it past the gate, to the coordinator's own checks.
+        code, details = _code(lambda: report("silo-1"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "must join first" in details
+    finally:
+        h.close()
+
+
+def test_a_silo_holds_out_the_same_samples_every_time_and_checks_what_it_is_told(tmp_path):
+    x = torch.arange(40, dtype=torch.float32).view(40, 1, 1, 1)
+    data = SiloData(x, torch.arange(40) % 10, 10, "float32 tensors in memory")
+
+    def held_out(silo_id, text='{"holdout": 0.25, "seed": 7}'):
+        daemon = SiloDaemon("127.0.0.1:1", silo_id, data, torch.device("cpu"))
+        train_x, train_y, test_x, test_y = daemon._split_for(text)
+        daemon._channel.close()
+        train, test = set(train_x.flatten().tolist()), set(test_x.flatten().tolist())
+        assert len(test) == 10 and len(train) == 30 and not train & test
+        assert train_y.tolist() == [int(v) % 10 for v in train_x.flatten().tolist()]
+        return test
+
+    assert held_out("silo-1") == held_out("silo-1")  # restarts hold out the same samples
+    assert held_out("silo-1") != held_out("silo-2")  # drawn from (run seed, silo id)
+    for text in ('{"holdout": 1.5, "seed": 7}', '{"seed": 7}', "[]", "x" * 10_000):
+        with pytest.raises(ValueError, match="task evaluation_json .* is (not valid|out of range)"):
+            held_out("silo-1", text)
