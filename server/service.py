@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -27,6 +28,7 @@ from lssfl.common.wire import Message, WireError, read_header
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.server.coordinator import Coordinator, RpcError
+from lssfl.server.meter import UP
 
 log = logging.getLogger("lssfl.service")
 T = TypeVar("T")
@@ -80,6 +82,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
+        self.meter = coordinator.meter  # what enters and leaves is counted here, at the edge
         self.gate = Gatekeeper(coordinator.cfg.security)
 
     def _answer(
@@ -112,23 +115,36 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
             raise RpcError(
                 grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header"
             ) from None
-        self.gate.check(context, header.upload.silo_id)
-        return self.c.upload(header, it)
+        head = header.upload
+        self.gate.check(context, head.silo_id)
+        done = self.c.admit_upload(header)
+        if done is not None:
+            return done
+        # Counted from the header on, once the coordinator has admitted the silo and round.
+        stream = self.meter.received(head.round, head.silo_id, itertools.chain([header], it))
+        next(stream)
+        return self.c.upload(header, stream)
 
     def Join(self, request: cpb.JoinRequest, context: grpc.ServicerContext) -> cpb.JoinReply:
         """A silo enrols for the run."""
-        return self._answer(context, request.silo_id, self.c.join, request)
+        reply = self._answer(context, request.silo_id, self.c.join, request)
+        self.meter.call(reply.current_round, request.silo_id, request, reply)
+        return reply
 
     def GetTask(self, request: cpb.TaskRequest, context: grpc.ServicerContext) -> cpb.Task:
         """A silo's long poll for its next task."""
-        return self._answer(context, request.silo_id, self.c.get_task, request)
+        task = self._answer(context, request.silo_id, self.c.get_task, request)
+        self.meter.call(task.round, request.silo_id, request, task)
+        return task
 
     def DownloadModel(
         self, request: cpb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """This round's model as a stream of pre-serialized chunks."""
+        messages = self._answer(context, request.silo_id, self.c.download, request)
+        self.meter.add(request.round, request.silo_id, UP, request.ByteSize())
         # Pre-serialized ModelChunk messages: the handler's serializer passes bytes through.
-        yield from self._answer(context, request.silo_id, self.c.download, request)
+        yield from self.meter.sent(request.round, request.silo_id, messages)
 
     def UploadResult(
         self, request_iterator: Iterator[Message], context: grpc.ServicerContext
@@ -140,13 +156,18 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         self, request: cpb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> cpb.HeartbeatReply:
         """A silo's sign of life."""
-        return self._answer(context, request.silo_id, self.c.heartbeat, request)
+        reply = self._answer(context, request.silo_id, self.c.heartbeat, request)
+        self.meter.call(reply.current_round, request.silo_id, request, reply)
+        return reply
 
     def ReportEvaluation(
         self, request: cpb.EvaluationReport, context: grpc.ServicerContext
     ) -> cpb.EvaluationReply:
         """A silo's measure of the final model on its own held-out data."""
-        return self._answer(context, request.silo_id, self.c.report_evaluation, request)
+        reply = self._answer(context, request.silo_id, self.c.report_evaluation, request)
+        # The coordinator accepted it for request.round, the round being evaluated.
+        self.meter.call(request.round, request.silo_id, request, reply)
+        return reply
 
 
 def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | None:
