@@ -64,6 +64,14 @@ class ImageTransform:
     crop: int | None = 224
     normalize: str | None = "imagenet"
 
+    def __post_init__(self) -> None:
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be a positive number of pixels, got {value!r}")
+        if self.normalize not in (None, "imagenet"):
+            raise ValueError(f"--normalize must be imagenet or none, got {self.normalize!r}")
+
     def build(self) -> Callable[[Any], Tensor]:
         """The torchvision transform pipeline."""
         from torchvision import transforms
