@@ -234,3 +234,36 @@ def test_a_silo_holds_out_the_same_samples_every_time_and_checks_what_it_is_told
     for text in ('{"holdout": 1.5, "seed": 7}', '{"seed": 7}', "[]", "x" * 10_000):
         with pytest.raises(ValueError, match="task evaluation_json .* is (not valid|out of range)"):
             held_out("silo-1", text)
+
+
+def test_a_silo_daemon_on_an_image_folder_trains_and_evaluates_through_the_service(tmp_path):
+    # A real SiloDaemon against the real service in this process: its data is an image folder
+    # read per batch, holding 2 of the 10 declared classes.
+    from lssfl.common.models import build_model
+    from lssfl.common.silodata import ImageTransform, open_silo_data
+    from tests.test_silodata import _images
+
+    folder = _images(tmp_path / "images", {"c3": 12, "c7": 8}, size=16)
+    (folder / "classes.txt").write_text("".join(f"c{i}\n" for i in range(10)))
+    data = open_silo_data(folder, transform=ImageTransform(None, None, None), workers=2)
+    assert sorted(set(data.y.tolist())) == [3, 7]
+    state = build_model({"name": "mlp"}).state_dict()
+    h = Harness(tmp_path / "run", state, silos=("s1",), evaluation={"where": "silos"}, rounds=1)
+    daemon = SiloDaemon(f"127.0.0.1:{h.port}", "s1", data, torch.device("cpu"))
+    coordinator = threading.Thread(target=h.coordinator.run)
+    silo = threading.Thread(target=daemon.run)
+    try:
+        coordinator.start()
+        silo.start()
+        coordinator.join(60)
+        silo.join(30)
+        assert not coordinator.is_alive() and not silo.is_alive()
+    finally:
+        h.close()
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in records] == [0, 1]
+    for rec in records:
+        (evaluation,) = rec["evaluations"]
+        assert evaluation["silo_id"] == "s1" and evaluation["num_samples"] == 4  # 0.2 of 20
+        assert rec["global_accuracy"] == evaluation["accuracy"]
+    assert records[1]["silos"][0]["num_samples"] == 16  # trained on the other 16
