@@ -598,7 +598,11 @@ class Coordinator:
             self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
             self._cond.notify_all()
         self.store.set_phase(round_num, "evaluate")
-        log.info("round=%d final model sent to %s for evaluation", round_num, len(self._selected))
+        log.info(
+            "round=%d final model open for evaluation by %s",
+            round_num,
+            ", ".join(sorted(self._selected)) or "no live silo",
+        )
         with self._cond:
             while not self._stopping.is_set() and len(self._evaluations) < len(self._selected):
                 left = self._deadline - time.monotonic()
