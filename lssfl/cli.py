@@ -108,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help="file holding this silo's bearer token (lssfl certs)"
     )
     silo.add_argument(
+        "--allow-plugin",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME",
+        help="a model or trainer import path a task may name (repeat for several); a task "
+        "naming any other import path ends the silo with an error",
+    )
+    silo.add_argument(
         "--max-wait",
         type=float,
         default=300.0,
@@ -200,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                         None if args.normalize == "none" else args.normalize,
                     ),
                     workers=args.workers,
+                    allowed_plugins=args.allow_plugin,
                 )
                 daemon.run()
             except SiloRefused as exc:

@@ -100,6 +100,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
                 self.gate.check(context, silo_id)
             return method(*args)
         except RpcError as exc:
+            self.c.count_refusal(exc.code)
             context.abort(exc.code, str(exc))
         except Exception as exc:
             log.exception("internal error")

@@ -12,7 +12,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from lssfl import __version__
 from lssfl.common.codecs import ErrorFeedback, parse_codec
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model, evaluate
+from lssfl.common.plugins import check_allowed
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
@@ -103,10 +104,14 @@ class SiloDaemon:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         tls_files: tuple[Path | None, Path | None, Path | None] | None = None,
+        allowed_plugins: Collection[str] = (),
     ) -> None:
         """``tls_files``: the (ca, cert, key) paths behind ``credentials`` (None each for
-        plaintext), to explain a failed handshake; None: not known, not explained."""
+        plaintext), to explain a failed handshake; None: not known, not explained.
+        ``allowed_plugins``: the import paths (model or trainer) a task may name; a task
+        naming another one ends the silo with PluginNotAllowed (lssfl.common.plugins)."""
         self.address = coordinator
+        self.allowed_plugins = frozenset(allowed_plugins)
         self._tls_files = tls_files
         self.silo_id = silo_id
         self.data = data
@@ -180,6 +185,7 @@ class SiloDaemon:
         classes: Path | None = None,
         transform: ImageTransform | None = None,
         workers: int = 4,
+        allowed_plugins: Collection[str] = (),
     ) -> SiloDaemon:
         """Build from paths, validating each; errors name the file at fault. ``classes``,
         ``transform`` and ``workers``: for an image folder (lssfl.common.silodata)."""
@@ -195,6 +201,7 @@ class SiloDaemon:
             credentials,
             token,
             (ca, cert, key),
+            allowed_plugins,
         )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
@@ -345,9 +352,9 @@ class SiloDaemon:
             self._held = (task.round, received.state)
         return received
 
-    def _model(self, task: cpb.Task, received: DecodedModel) -> torch.nn.Module:
+    def _model(self, model_spec: dict[str, Any], received: DecodedModel) -> torch.nn.Module:
         """The task's model with the received weights, checked against this silo's labels."""
-        model = build_model(json.loads(task.model_json))
+        model = build_model(model_spec)
         heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         check_num_classes(self.data, heads[-1].out_features if heads else None)
         model.load_state_dict(received.state)
@@ -370,6 +377,10 @@ class SiloDaemon:
 
     def evaluate_final(self, task: cpb.Task) -> None:
         """EVALUATE: download the final model, measure it, report the figures."""
+        model_spec = json.loads(task.model_json)  # checked before downloading, as for TRAIN
+        if not isinstance(model_spec, dict):
+            raise ValueError(f"round {task.round}: the task's model spec is not a JSON object")
+        check_allowed(str(model_spec.get("name")), self.allowed_plugins, "model")
         try:
             received = self._download(task, keep=False)
         except grpc.RpcError as exc:
@@ -379,7 +390,7 @@ class SiloDaemon:
                 )
                 return
             raise
-        model = self._model(task, received)
+        model = self._model(model_spec, received)
         report = cpb.EvaluationReport(
             silo_id=self.silo_id,
             run_id=task.run_id,
@@ -401,6 +412,14 @@ class SiloDaemon:
     def train_round(self, task: cpb.Task) -> None:
         """Download the round's model, train it locally, upload the result."""
         r = self.round = task.round
+        # Before a byte is downloaded: the names come from the coordinator, and importing a
+        # module runs its code.
+        model_spec = json.loads(task.model_json)
+        trainer_spec = json.loads(task.trainer_json)
+        if not isinstance(model_spec, dict) or not isinstance(trainer_spec, dict):
+            raise ValueError(f"round {r}: the task's model or trainer spec is not a JSON object")
+        check_allowed(str(model_spec.get("name")), self.allowed_plugins, "model")
+        check_allowed(str(trainer_spec.get("name")), self.allowed_plugins, "trainer")
         t0 = time.monotonic()
         self.state = "downloading"
         try:
@@ -420,15 +439,22 @@ class SiloDaemon:
         )
 
         self.state = "training"
-        model = self._model(task, received)
+        model = self._model(model_spec, received)
         x, y, evaluation = self._x, self._y, None
         if task.evaluation_json:
             x, y, _, _ = self._split_for(task.evaluation_json)
             evaluation = self._measure(model, task)
-        trainer_spec = json.loads(task.trainer_json)
         trainer = make_trainer(trainer_spec)
         torch.manual_seed(task.seed)
         metrics = trainer.train(model, as_tensor(x), y, seed=task.seed)
+        if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in metrics.items()
+        ):
+            raise ValueError(
+                f"trainer {trainer_spec.get('name')!r} must return a dict of metric name -> "
+                f"number, got {str(metrics)[:200]}"
+            )
         t2 = time.monotonic()
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",

@@ -267,3 +267,49 @@ def test_a_silo_daemon_on_an_image_folder_trains_and_evaluates_through_the_servi
         assert evaluation["silo_id"] == "s1" and evaluation["num_samples"] == 4  # 0.2 of 20
         assert rec["global_accuracy"] == evaluation["accuracy"]
     assert records[1]["silos"][0]["num_samples"] == 16  # trained on the other 16
+
+
+def test_tensorboard_gets_a_rounds_accuracy_when_the_silos_have_measured_it(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lssfl.common.records import SiloEvaluation, SiloRound
+    from lssfl.server.tensorboard import TensorBoardLog
+
+    silo = SiloRound("s1", "ok", 10, 100, 50, 100, 50, 100, 50, 1.0, {"train_loss": 0.5})
+    record = RoundRecord(
+        round=1, algorithm="fedavg", status="ok", global_accuracy=None, global_loss=None,
+        bytes_down=100, bytes_down_raw=100, bytes_down_payload=100, bytes_up=50,
+        bytes_up_raw=50, bytes_up_payload=50, cum_bytes_down=100, cum_bytes_up=50,
+        codec_down="fp32", codec_up="fp32", delta_downlink=False, wall_seconds=1.0,
+        num_results=1, missing=[], late_refused=0, silos=[silo], evaluation="silos",
+    )  # fmt: skip
+    board = TensorBoardLog(tmp_path)
+    board.add(record)  # committed: accuracy pending
+    record.add_evaluations([SiloEvaluation("s1", 0.75, 0.5, 4)])
+    board.add(record)  # measured a round later
+    board.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("global/accuracy")] == [(1, 0.75)]
+    assert [e.value for e in events.Scalars("silo/s1/eval_accuracy")] == [0.75]
+    assert len(events.Scalars("bytes/down")) == 1  # written once, not again with the measure
+
+
+def test_an_evaluate_task_imports_no_model_path_the_silo_did_not_allow(tmp_path):
+    from lssfl.common.plugins import PluginNotAllowed
+
+    data = SiloData(torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), 10, "test")
+    daemon = SiloDaemon("127.0.0.1:9", "s1", data, torch.device("cpu"))
+    task = cpb.Task(
+        kind=cpb.Task.EVALUATE,
+        round=3,
+        model_json='{"name": "never_imported_module:build"}',
+        evaluation_json='{"holdout": 0.25, "seed": 0}',
+    )
+    try:
+        # Refused before a byte is downloaded (the address is a closed port: a download
+        # would fail differently).
+        with pytest.raises(PluginNotAllowed, match="asks for model 'never_imported_module:"):
+            daemon.evaluate_final(task)
+    finally:
+        daemon._channel.close()
