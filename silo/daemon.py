@@ -19,18 +19,28 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+from torch import Tensor
 
 from lssfl import __version__
 from lssfl.common.codecs import CodecError, ErrorFeedback, parse_codec
 from lssfl.common.config import ConfigError
 from lssfl.common.faults import crash_point
-from lssfl.common.models import build_model
+from lssfl.common.models import build_model, evaluate
 from lssfl.common.peertext import MAX_PEER_REASON, peer_text
 from lssfl.common.plugins import check_allowed, is_import_path
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
-from lssfl.common.splits import Split, load_split
+from lssfl.common.seeding import seed_of
+from lssfl.common.silodata import (
+    ImageTransform,
+    LazyImages,
+    SiloData,
+    as_tensor,
+    check_num_classes,
+    open_silo_data,
+    subset,
+)
 from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
 from lssfl.common.wire import (
     FP32,
@@ -48,6 +58,7 @@ from lssfl.training.trainers import make_trainer
 
 log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")
+Images = Tensor | LazyImages
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Defaults of `lssfl silo --max-epochs / --max-model-mb`: what a task may ask of this silo.
@@ -174,7 +185,7 @@ class SiloDaemon:
         self,
         coordinator: str,
         silo_id: str,
-        data: Split,
+        data: SiloData,
         device: torch.device,
         max_wait_s: float = 300.0,
         credentials: grpc.ChannelCredentials | None = None,
@@ -213,8 +224,44 @@ class SiloDaemon:
         self._stop = threading.Event()
         self._held: tuple[int, dict[str, torch.Tensor]] | None = None
         self._feedback = ErrorFeedback()
-        self._x = data.x.to(device)
-        self._y = data.y.to(device)
+        on_device = data.to(device)
+        self._x, self._y = on_device.x, on_device.y
+        self._own_test = on_device.test
+        # Evaluation at the silos: (the task's evaluation_json, train x, y, held-out x, y).
+        self._eval_split: tuple[str, Images, Tensor, Images, Tensor] | None = None
+
+    def _split_for(self, evaluation_json: str) -> tuple[Images, Tensor, Images, Tensor]:
+        """(train x, y, held-out x, y) under the task's evaluation settings: the silo's own
+        test split when it has one, else a fraction of its data drawn from (run seed, silo)."""
+        if self._eval_split is not None and self._eval_split[0] == evaluation_json:
+            return self._eval_split[1:]
+        settings = _evaluation_settings(evaluation_json)
+        if self._own_test is not None:
+            test = self._own_test
+            split = (self._x, self._y, test.x, test.y)
+        else:
+            n = len(self._y)
+            generator = torch.Generator().manual_seed(
+                seed_of("holdout", settings["seed"], self.silo_id)
+            )
+            order = torch.randperm(n, generator=generator)
+            cut = min(n - 1, max(1, round(settings["holdout"] * n)))
+            held, train = order[:cut].sort().values, order[cut:].sort().values
+            split = (
+                subset(self._x, train),
+                self._y[train.to(self.device)],
+                subset(self._x, held),
+                self._y[held.to(self.device)],
+            )
+        log.info(
+            "silo=%s evaluates on %d held-out samples (%s), trains on %d",
+            self.silo_id,
+            len(split[3]),
+            "its own test split" if self._own_test is not None else "drawn from its data",
+            len(split[1]),
+        )
+        self._eval_split = (evaluation_json, *split)
+        return split
 
     @classmethod
     def from_folder(
@@ -228,12 +275,16 @@ class SiloDaemon:
         cert: Path | None = None,
         key: Path | None = None,
         token_file: Path | None = None,
+        classes: Path | None = None,
+        transform: ImageTransform | None = None,
+        workers: int = 4,
         allowed_plugins: Collection[str] = (),
         max_epochs: int = MAX_EPOCHS,
         max_model_mb: float = MAX_MODEL_MB,
     ) -> SiloDaemon:
-        """Build from paths, validating each; errors name the file at fault."""
-        data = load_split(data_dir)
+        """Build from paths, validating each; errors name the file at fault. ``classes``,
+        ``transform`` and ``workers``: for an image folder (lssfl.common.silodata)."""
+        data = open_silo_data(data_dir, classes, transform, workers)
         credentials = channel_credentials(ca, cert, key)
         token = read_secret(token_file, "token file").decode().strip() if token_file else None
         return cls(
@@ -294,7 +345,7 @@ class SiloDaemon:
             num_samples=self.data.num_samples,
             device=str(self.device),
             version=__version__,
-            sample_shape=list(self.data.x.shape[1:]),
+            sample_shape=list(self.data.x[0:1].shape[1:]) if self.data.num_samples else [],
             num_classes=self.data.num_classes,
         )
         try:
@@ -312,11 +363,12 @@ class SiloDaemon:
         finite = interval and math.isfinite(interval)
         self.heartbeat_s = min(max(interval, 0.1), 60.0) if finite else 2.0
         log.info(
-            "silo=%s joined run %s at %s (%d samples on %s)",
+            "silo=%s joined run %s at %s (%d samples, %s, on %s)",
             self.silo_id,
             peer_text(self.run_id),
             self.address,
             self.data.num_samples,
+            self.data.kind,
             self.device,
         )
 
@@ -359,6 +411,8 @@ class SiloDaemon:
                             self.train_round(task)
                         except TaskRefused as exc:
                             self._refuse(task, str(exc))
+                    elif task.kind == cpb.Task.EVALUATE:
+                        self.evaluate_final(task)
                 except WireError as exc:
                     # A stream that does not decode (or a delta against a model we no longer
                     # hold): forget the held model and ask again for the whole one.
@@ -406,9 +460,11 @@ class SiloDaemon:
                 metadata=self._metadata,
             )
 
-    def _download(self, task: cpb.Task) -> DecodedModel:
-        """This round's model; only the change when we still hold the previous round's."""
-        held_round, held = self._held if self._held else (None, None)
+    def _download(self, task: cpb.Task, keep: bool = True) -> DecodedModel:
+        """This round's model; only the change when we still hold the previous round's.
+        ``keep``: hold it as the base of the next delta (not the final model's evaluation,
+        which is sent whole and is not what a resumed run's next round is a delta to)."""
+        held_round, held = self._held if self._held and keep else (None, None)
         request = cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=task.round)
         if held_round is not None:
             request.have_round = held_round
@@ -422,8 +478,67 @@ class SiloDaemon:
         head = received.header.download
         if head.HasField("base_round") and head.base_round != held_round:
             raise WireError(f"delta against round {head.base_round}, we hold {held_round}")
-        self._held = (task.round, received.state)
+        if keep:
+            self._held = (task.round, received.state)
         return received
+
+    def _model(self, model_spec: dict[str, Any], received: DecodedModel) -> torch.nn.Module:
+        """The task's model with the received weights, checked against this silo's labels."""
+        model = build_model(model_spec)
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        check_num_classes(self.data, heads[-1].out_features if heads else None)
+        check_received(received.state, model)
+        model.load_state_dict(received.state)
+        return model.to(self.device)
+
+    def _measure(self, model: torch.nn.Module, task: cpb.Task) -> pb.Evaluation:
+        """``model`` (as received) on this silo's held-out data."""
+        _, _, x, y = self._split_for(task.evaluation_json)
+        with torch.no_grad():
+            accuracy, loss = evaluate(model, as_tensor(x), y)
+        log.info(
+            "round=%d silo=%s received model: accuracy=%.4f loss=%.4f on %d held-out samples",
+            task.round,
+            self.silo_id,
+            accuracy,
+            loss,
+            len(y),
+        )
+        return pb.Evaluation(loss=loss, accuracy=accuracy, num_samples=len(y))
+
+    def evaluate_final(self, task: cpb.Task) -> None:
+        """EVALUATE: download the final model, measure it, report the figures."""
+        model_spec = json.loads(task.model_json)  # checked before downloading, as for TRAIN
+        if not isinstance(model_spec, dict):
+            raise ValueError(f"round {task.round}: the task's model spec is not a JSON object")
+        check_allowed(str(model_spec.get("name")), self.allowed_plugins, "model")
+        try:
+            received = self._download(task, keep=False)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning(
+                    "round=%d silo=%s download refused: %s", task.round, self.silo_id, exc.details()
+                )
+                return
+            raise
+        model = self._model(model_spec, received)
+        report = cpb.EvaluationReport(
+            silo_id=self.silo_id,
+            run_id=task.run_id,
+            round=task.round,
+            evaluation=self._measure(model, task),
+        )
+        try:
+            self._stub.ReportEvaluation(report, timeout=30, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() not in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                raise
+            log.warning(
+                "round=%d silo=%s evaluation refused: %s", task.round, self.silo_id, exc.details()
+            )
 
     def train_round(self, task: cpb.Task) -> None:
         """Download the round's model, train it locally, upload the result."""
@@ -456,13 +571,15 @@ class SiloDaemon:
         )
 
         self.state = "training"
-        model = build_model(model_spec).to(self.device)
-        check_received(received.state, model)
-        model.load_state_dict(received.state)
+        model = self._model(model_spec, received)
+        x, y, evaluation = self._x, self._y, None
+        if task.evaluation_json:
+            x, y, _, _ = self._split_for(task.evaluation_json)
+            evaluation = self._measure(model, task)
         trainer = make_trainer(trainer_params)
         torch.manual_seed(task.seed)
         try:
-            metrics = trainer.train(model, self._x, self._y, seed=task.seed)
+            metrics = trainer.train(model, as_tensor(x), y, seed=task.seed)
         except Exception as exc:  # data that does not fit the model, a trainer bug...
             log.debug("training failed", exc_info=True)
             raise TaskRefused(f"local training failed: {_one_line(exc)}") from None
@@ -480,7 +597,7 @@ class SiloDaemon:
             r,
             self.silo_id,
             trainer_params.get("name"),
-            self.data.num_samples,
+            len(y),
             t2 - t1,
             " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
         )
@@ -491,9 +608,10 @@ class SiloDaemon:
                 run_id=task.run_id,
                 round=r,
                 silo_id=self.silo_id,
-                num_samples=self.data.num_samples,
+                num_samples=len(y),
                 train_seconds=t2 - t1,
                 metrics=metrics,
+                evaluation=evaluation,
             )
         )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -537,3 +655,16 @@ class SiloDaemon:
             time.monotonic() - t2,
             reply.message,
         )
+
+
+def _evaluation_settings(text: str) -> dict[str, Any]:
+    """The task's evaluation_json, checked: {"holdout": fraction in (0, 1), "seed": int}.
+    The coordinator may be hostile too: anything else stops the silo with one line."""
+    try:
+        settings = json.loads(text)
+        holdout, seed = settings["holdout"], settings["seed"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"task evaluation_json {text[:200]!r} is not valid") from None
+    if not (isinstance(holdout, float) and 0.0 < holdout < 1.0) or not isinstance(seed, int):
+        raise ValueError(f"task evaluation_json {text[:200]!r} is out of range")
+    return {"holdout": holdout, "seed": seed}

@@ -13,7 +13,7 @@ import torch
 
 from lssfl.common.models import build_model
 from lssfl.common.rpc import add_coordinator_servicer
-from lssfl.common.splits import Split
+from lssfl.common.silodata import SiloData
 from lssfl.common.wire import pack_state, stream_tensors
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
@@ -92,7 +92,7 @@ class HostileCoordinator(cgrpc.CoordinatorServicer):
 @pytest.fixture
 def data():
     g = torch.Generator().manual_seed(0)
-    return Split(torch.randn(8, 3, 4, 4, generator=g), torch.arange(8) % 2, {"num_classes": 2})
+    return SiloData(torch.randn(8, 3, 4, 4, generator=g), torch.arange(8) % 2, 2, "test")
 
 
 def _serve(servicer):
