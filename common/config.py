@@ -45,6 +45,12 @@ class CoordinatorSection:
     # tests.
     save_uploads: bool = False
     max_upload_mb: float = 2048.0
+    # A model stream (download or upload) that moves no message for this long is cancelled,
+    # and none outlives its round's deadline: a stalled peer cannot hold a server thread.
+    stream_idle_timeout_s: float = 30.0
+    # Uploads decoded at once hold this many MB of model in memory together; further
+    # uploads wait for room (None: four times the model's size).
+    max_inflight_upload_mb: float | None = None
     # Ask k + m live silos each round and aggregate the first k results (None: every live
     # silo, and wait for all of them).
     silos_per_round: int | None = None
@@ -188,6 +194,11 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("coordinator.silos_per_round must be between min_silos and len(silos)")
     if cfg.coordinator.over_select < 0:
         raise ConfigError("coordinator.over_select must be >= 0")
+    if cfg.coordinator.stream_idle_timeout_s <= 0:
+        raise ConfigError("coordinator.stream_idle_timeout_s must be positive")
+    inflight = cfg.coordinator.max_inflight_upload_mb
+    if inflight is not None and inflight <= 0:
+        raise ConfigError("coordinator.max_inflight_upload_mb must be positive")
     from lssfl.common.codecs import CodecError, parse_codec
 
     for direction in ("uplink", "downlink"):

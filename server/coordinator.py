@@ -8,6 +8,7 @@ slow work (decoding, aggregation) happens while holding it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -16,11 +17,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import torch
 from google.protobuf.message import Message as ProtoMessage
+from safetensors.torch import load_file
 
 from lssfl.common.codecs import parse_codec
 from lssfl.common.config import RunConfig
@@ -72,13 +76,47 @@ class SiloInfo:
 
 @dataclass
 class SiloResult:
-    """One silo's decoded answer to a round."""
+    """One silo's accepted answer to a round; its model waits on disk at ``path``."""
 
     silo_id: str
     num_samples: int
-    state: dict[str, torch.Tensor]
     train_seconds: float
     metrics: dict[str, float]
+    bytes_up: tuple[int, int, int]  # the upload's serialized, raw fp32 and payload bytes
+    path: Path = Path()
+
+    def meta(self, run_id: str, round_num: int) -> dict[str, str]:
+        """What the upload's file keeps of this result beside the tensors."""
+        return {
+            "run_id": run_id,
+            "round": str(round_num),
+            "silo": self.silo_id,
+            "num_samples": str(self.num_samples),
+            "train_seconds": repr(self.train_seconds),
+            "metrics": json.dumps(self.metrics),
+            "bytes_up": json.dumps(list(self.bytes_up)),
+        }
+
+    @classmethod
+    def from_meta(cls, path: Path, meta: dict[str, str]) -> SiloResult:
+        """The result a kept upload's file describes (ValueError if it does not)."""
+        try:
+            metrics = json.loads(meta["metrics"])
+            bytes_up = json.loads(meta["bytes_up"])
+            return cls(
+                meta["silo"],
+                int(meta["num_samples"]),
+                float(meta["train_seconds"]),
+                {str(k): float(v) for k, v in metrics.items()},
+                (int(bytes_up[0]), int(bytes_up[1]), int(bytes_up[2])),
+                path,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{path.name}: unreadable metadata ({exc})") from None
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The uploaded model, read back from disk."""
+        return load_file(self.path)
 
 
 # Serialized once per round, with (serialized, raw fp32, payload) sizes for the meter.
@@ -131,6 +169,7 @@ class Coordinator:
         self.codec_down = parse_codec(cfg.compression.downlink)
         self.codec_up = parse_codec(cfg.compression.uplink)
         self._stopping = threading.Event()
+        self.rounds_closed = 0
         self.algorithm = str(cfg.trainer.get("name", "fedavg"))
         # Every task carries these; serialized once, not on each long poll.
         self._model_json = json.dumps(cfg.model_spec, sort_keys=True)
@@ -233,9 +272,23 @@ class Coordinator:
             self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
             return self._metered_download(self._round, req.silo_id, messages)
 
-    def upload(self, header: pb.ModelChunk, chunks: Iterator[Message]) -> cpb.UploadReply:
+    def stream_deadline(self) -> float:
+        """When a model stream opened now must have ended (monotonic): the open round's
+        deadline, or one round's length from now between rounds."""
+        with self._cond:
+            if self._phase == "train":
+                return self._deadline
+        return time.monotonic() + self.cfg.coordinator.round_deadline_s
+
+    def upload(
+        self,
+        header: pb.ModelChunk,
+        chunks: Iterator[Message],
+        slot: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> cpb.UploadReply:
         """Take one silo's result: ``header`` (read and authenticated by the service: the caller
-        is ``header.upload.silo_id``), then the rest of the stream."""
+        is ``header.upload.silo_id``), then the rest of the stream, decoded while holding
+        ``slot()`` (room in memory for one model) and kept on disk."""
         head = header.upload
         silo, round_num = head.silo_id, head.round
         with self._cond:
@@ -248,34 +301,49 @@ class Coordinator:
             reference = self._broadcast
         stream = self._metered_upload(round_num, silo, itertools.chain([header], chunks))
         next(stream)  # the header, counted like every message of the stream
-        try:
-            decoded = decode_after_header(
-                header,
-                stream,
-                max_payload_bytes=int(self.cfg.coordinator.max_upload_mb * 2**20),
-                reference=reference,
+        with slot():
+            try:
+                decoded = decode_after_header(
+                    header,
+                    stream,
+                    max_payload_bytes=int(self.cfg.coordinator.max_upload_mb * 2**20),
+                    reference=reference,
+                    like=self.global_state,
+                )
+            except WireError as exc:
+                log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, exc)
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"bad upload stream: {exc}"
+                ) from None
+            self._validate(decoded.state, silo, round_num)
+            if head.num_samples <= 0:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "num_samples must be positive")
+            up = self.meter.get(round_num, silo, UP)
+            result = SiloResult(
+                silo,
+                int(head.num_samples),
+                head.train_seconds,
+                dict(head.metrics),
+                (up.bytes, up.raw, up.payload),
             )
-        except WireError as exc:
-            log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, exc)
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"bad upload stream: {exc}") from None
-        self._validate(decoded.state, silo, round_num)
-        if head.num_samples <= 0:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "num_samples must be positive")
-        result = SiloResult(
-            silo, int(head.num_samples), decoded.state, head.train_seconds, dict(head.metrics)
-        )
+            # On disk before it counts: the round aggregates from there, and a restarted
+            # coordinator finds it instead of asking the silo to train again.
+            result.path = self.store.save_upload(
+                round_num, silo, decoded.state, result.meta(self.run_id, round_num)
+            )
+            payload = decoded.payload_bytes
+            del decoded
+        crash_point(f"accepted:{round_num}:{silo}")
         with self._cond:
             self._admit(silo, round_num)  # the deadline may have passed while decoding
             self._results.setdefault(silo, result)
             self._silos[silo].state = "idle"
             self._cond.notify_all()
-        if self.cfg.coordinator.save_uploads:
-            self.store.save_upload(round_num, silo, decoded.state)
         log.info(
             "round=%d silo=%s upload accepted (%.2f MB, %d samples)",
             round_num,
             silo,
-            decoded.payload_bytes / 1e6,
+            payload / 1e6,
             head.num_samples,
         )
         return cpb.UploadReply(accepted=True, message="ok")
@@ -445,16 +513,24 @@ class Coordinator:
         """One round: select, serve, wait for results or the deadline, aggregate, record."""
         t0 = time.monotonic()
         download = self._prepare_download(round_num)
+        kept = self._kept_results(round_num)
         with self._cond:
             self._round, self._phase = round_num, "train"
             self._download = download
             self._selected = self._select(round_num)
-            self._results = {}
+            self._results = {s: r for s, r in kept.items() if s in self._selected}
             self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
             selected = sorted(self._selected)
             self._cond.notify_all()
         self.store.set_phase(round_num, "train")
         log.info("round=%d opened for %s", round_num, ", ".join(selected))
+        for silo in sorted(self._results):
+            self.meter.add(round_num, silo, UP, *self._results[silo].bytes_up)
+            log.info(
+                "round=%d silo=%s upload kept from before the restart: not asked to train again",
+                round_num,
+                silo,
+            )
         with self._cond:
             wanted = min(self._wanted(), len(self._selected))
             while not self._stopping.is_set() and len(self._results) < wanted:
@@ -463,6 +539,7 @@ class Coordinator:
                     break
                 self._cond.wait(min(left, 1.0))
             self._phase = "aggregate"
+            self.rounds_closed += 1  # streams opened before now have no use left
             # Over-selection: the first k to arrive make the round.
             first_k = list(self._results.values())[: self._wanted()]
             results = sorted(first_k, key=lambda r: r.silo_id)
@@ -476,7 +553,7 @@ class Coordinator:
         crash_point(f"aggregate:{round_num}")
         if len(results) >= self.cfg.coordinator.min_silos:
             self.global_state = weighted_average(
-                [r.state for r in results], [r.num_samples for r in results], self.global_state
+                (r.load() for r in results), [r.num_samples for r in results], self.global_state
             )
             status = "ok"
         else:
@@ -489,6 +566,26 @@ class Coordinator:
             status = "insufficient"
         acc, loss = self.evaluate(self.global_state)
         self._record(round_num, status, acc, loss, time.monotonic() - t0, results, missing)
+        if not self.cfg.coordinator.save_uploads:
+            self.store.drop_uploads(round_num)
+
+    def _kept_results(self, round_num: int) -> dict[str, SiloResult]:
+        """Uploads accepted for ``round_num`` before a restart and still valid: a silo
+        selected again counts with it, without training again (and its bytes as sent then)."""
+        kept = {}
+        for silo, (path, meta) in self.store.kept_uploads(round_num).items():
+            if silo not in self.cfg.silos or meta.get("run_id") != self.run_id:
+                continue
+            try:
+                result = SiloResult.from_meta(path, meta)
+                problem = check_state(result.load(), self.global_state)
+            except (ValueError, OSError) as exc:
+                problem = str(exc)
+            if problem or result.num_samples <= 0:
+                log.warning("round=%d silo=%s kept upload not used: %s", round_num, silo, problem)
+                continue
+            kept[silo] = result
+        return kept
 
     def _record(
         self,

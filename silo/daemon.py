@@ -25,7 +25,7 @@ from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
-from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
+from lssfl.common.security import SILO_HEADER, TOKEN_HEADER, channel_credentials, read_secret
 from lssfl.common.splits import Split, load_split
 from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
 from lssfl.common.wire import (
@@ -105,7 +105,10 @@ class SiloDaemon:
         self.round = 0
         self.state = "idle"
         self.heartbeat_s = 2.0
-        self._metadata = ((TOKEN_HEADER, f"Bearer {token}"),) if token else ()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (SILO_HEADER, silo_id),
+            *(((TOKEN_HEADER, f"Bearer {token}"),) if token else ()),
+        )
         self._channel = (
             grpc.secure_channel(coordinator, credentials, options=CHANNEL_OPTIONS)
             if credentials
