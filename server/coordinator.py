@@ -496,6 +496,8 @@ class Coordinator:
             if self.cfg.compression.delta_downlink:
                 self._broadcast = self.store.held_model(done)
             self._round = first = done + 1
+            if not self.cfg.coordinator.save_uploads:
+                self.store.drop_uploads(done)  # a crash after a commit can leave them
             self.store.rewrite_metrics()
             self._last_record = self.store.records()[-1]
             log.info("resuming run %s after committed round %d", self.run_id, done)

@@ -184,10 +184,29 @@ def test_lss_delta_downlink_and_topk_feedback_resume_bit_exact(tmp_path, codec_r
     cluster = Cluster(tmp_path, config, "codec-crash")
     _run(cluster, coordinator_crash="aggregate:2")
     assert "resuming run" in cluster.log_text("coordinator")
-    assert cluster.log_text("silo-1").count("round=2 silo=silo-1 uploaded") == 2
+    # Both uploads were on disk: the resumed round aggregates them, nobody trains again.
+    for silo in SILOS:
+        assert f"round=2 silo={silo} upload kept from before the restart" in (
+            cluster.log_text("coordinator")
+        )
+    assert cluster.log_text("silo-1").count("round=2 silo=silo-1 uploaded") == 1
     _check(cluster, reference)
     records = read_jsonl(cluster.run_dir / "metrics.jsonl")
     assert all(r["codec_up"] == "topk0.1+int8" and r["delta_downlink"] for r in records)
+
+
+def test_coordinator_killed_after_one_upload_keeps_it(tmp_path, base, reference):
+    """Killed right after silo-1's round-2 upload was accepted (on disk, before its reply):
+    the resumed round 2 counts that upload instead of asking silo-1 to train again."""
+    cluster = Cluster(tmp_path, base[1], "crash-accepted")
+    _run(cluster, coordinator_crash="accepted:2:silo-1")
+    coordinator = cluster.log_text("coordinator")
+    assert "round=2 silo=silo-1 upload kept from before the restart" in coordinator
+    assert cluster.log_text("silo-1").count("round=2 silo=silo-1 trained") == 1
+    assert not (cluster.run_dir / "uploads").exists() or not any(
+        (cluster.run_dir / "uploads").iterdir()
+    )  # committed rounds' uploads are dropped (save_uploads is off)
+    _check(cluster, reference)
 
 
 def test_crash_between_commit_and_metrics_line_then_resume_with_more_rounds(
