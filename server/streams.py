@@ -29,6 +29,8 @@ STREAMS_PER_SILO = 2
 # Calls of any kind one silo may have in progress: a long poll, a heartbeat, its streams and
 # a join.
 CALLS_PER_SILO = 6
+# Model downloads sending at once; the others wait (bench/coordinator_scale.py).
+DOWNLOADS_AT_ONCE = 8
 
 
 class Refused(Exception):
@@ -154,11 +156,12 @@ def watched_messages(messages: Iterator[T], w: Watched) -> Iterator[T]:
         yield msg
 
 
-class UploadSlots:
-    """Room for ``slots`` uploads being decoded at once, each up to one model in memory."""
+class Slots:
+    """Room for ``slots`` streams of one kind (``what``) at once; the others wait their turn."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, what: str) -> None:
         self.slots = slots
+        self.what = what
         self._sem = threading.BoundedSemaphore(slots)
 
     @contextlib.contextmanager
@@ -171,7 +174,8 @@ class UploadSlots:
                 if time.monotonic() > w.hard_end or w.tripped:
                     raise Refused(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"all {self.slots} upload slots stayed busy until the round's deadline",
+                        f"all {self.slots} {self.what} slots stayed busy until the round's "
+                        "deadline",
                     )
         finally:
             w.paused = False
