@@ -3,8 +3,13 @@ and ``state.db``, and as ``lssfl report`` reads it back.
 
 ``RoundRecord.to_dict`` is the JSON object of one ``metrics.jsonl`` line, keys in field
 order; ``from_dict`` reads one back (a resumed coordinator continues the running totals from
-it). Per silo, the trainer's own figures travel as ``train_<name>`` keys next to the fixed
-ones (``train_loss`` from every trainer, more from some).
+it, the report draws from it). Per silo, the trainer's own figures travel as ``train_<name>``
+keys next to the fixed ones (``train_loss`` from every trainer, more from some).
+
+``from_dict`` checks every field against its declared type and raises ``RecordError`` naming
+the first key that is missing or wrong: a line from another version of lssfl, or one edited
+by hand, is one clear error, never a ``KeyError`` deep in the report. Unknown keys are ignored,
+so a newer writer's extra keys do not stop an older reader.
 """
 
 from __future__ import annotations
@@ -12,6 +17,47 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+# The JSON types each declared field type accepts (bool is excluded from numbers: JSON true
+# is not a count). Numbers may be written as ints where the field is a float.
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+}
+
+
+class RecordError(ValueError):
+    """A metrics object that is not a round record; the message names the key."""
+
+
+def _check(d: Any, cls: type, where: str) -> dict[str, Any]:
+    """``d`` as a dict whose declared fields of ``cls`` have their declared JSON types."""
+    if not isinstance(d, dict):
+        raise RecordError(f"{where}expected a JSON object, got {type(d).__name__}")
+    for f in dataclasses.fields(cls):
+        if f.name == "train_metrics":
+            continue
+        if f.name not in d:
+            raise RecordError(f"{where}missing key '{f.name}' (written by another lssfl version?)")
+        v, kind = d[f.name], str(f.type)
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if v is None and optional:
+            continue
+        if kind in _SCALARS:
+            ok = isinstance(v, _SCALARS[kind]) and (kind == "bool" or not isinstance(v, bool))
+            if kind == "int" and ok and f.name == "round":
+                ok = v >= 0
+        elif kind.startswith("list["):
+            ok = isinstance(v, list)
+        else:
+            ok = True
+        if not ok:
+            noun = {"int": "an integer", "float": "a number", "str": "a string"}.get(kind, "a list")
+            raise RecordError(f"{where}'{f.name}' must be {noun}, got {v!r:.60}")
+    return d
 
 
 @dataclass
@@ -38,9 +84,14 @@ class SiloRound:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SiloRound:
-        """Read back what ``to_dict`` wrote."""
+        """Read back what ``to_dict`` wrote; RecordError names a missing or mistyped key."""
+        d = _check(d, cls, f"silo {d.get('silo_id')!r:.40}: " if isinstance(d, dict) else "")
         fixed = {f.name for f in dataclasses.fields(cls)} - {"train_metrics"}
-        metrics = {k: v for k, v in d.items() if k not in fixed and k.startswith("train_")}
+        metrics = {
+            k: v
+            for k, v in d.items()
+            if k not in fixed and k.startswith("train_") and isinstance(v, int | float)
+        }
         return cls(**{k: d[k] for k in fixed}, train_metrics=metrics)
 
 
@@ -77,7 +128,8 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
-        """Read back what ``to_dict`` wrote."""
+        """Read back what ``to_dict`` wrote; RecordError names a missing or mistyped key."""
+        d = _check(d, cls, "")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(
             **{k: d[k] for k in fields} | {"silos": [SiloRound.from_dict(s) for s in d["silos"]]}

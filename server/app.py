@@ -54,6 +54,11 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
             "; ".join(changes[:5]),
         )
         return 2
+    try:
+        store.records()  # a round written by another version: refused before anything is written
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 2
     store.save_config(yaml.safe_dump(effective_config(cfg), sort_keys=False))
     # Only now: a folder refused above is left exactly as it was.
     also_log_to(run_dir / "logs" / "coordinator.log")

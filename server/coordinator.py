@@ -9,21 +9,19 @@ slow work (decoding, aggregation) happens while holding it.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import torch
-from google.protobuf.message import Message as ProtoMessage
 from safetensors.torch import load_file
 
 from lssfl.common.codecs import parse_codec
@@ -45,7 +43,7 @@ from lssfl.common.wire import (
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.aggregate import check_state, weighted_average
-from lssfl.server.meter import DOWN, UP, Meter, message_sizes
+from lssfl.server.meter import DOWN, UP, Meter, Metered, message_sizes
 from lssfl.server.store import HEARTBEAT_RECORD_S, RoundStore
 
 log = logging.getLogger("lssfl.coordinator")
@@ -117,10 +115,6 @@ class SiloResult:
     def load(self) -> dict[str, torch.Tensor]:
         """The uploaded model, read back from disk."""
         return load_file(self.path)
-
-
-# Serialized once per round, with (serialized, raw fp32, payload) sizes for the meter.
-Metered = list[tuple[bytes, tuple[int, int, int]]]
 
 
 @dataclass
@@ -199,15 +193,16 @@ class Coordinator:
         if req.silo_id not in self.cfg.silos:
             log.warning("refused join from unknown silo %r", req.silo_id)
             raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {req.silo_id!r}")
-        reply = cpb.JoinReply(
-            run_id=self.run_id, heartbeat_interval_s=self.cfg.coordinator.heartbeat_interval_s
-        )
         with self._cond:
             rejoin = req.silo_id in self._silos
             self._silos[req.silo_id] = SiloInfo(
                 req.silo_id, req.num_samples, req.device, time.monotonic()
             )
-            self._meter_call(self._round, req.silo_id, req, reply)
+            reply = cpb.JoinReply(
+                run_id=self.run_id,
+                heartbeat_interval_s=self.cfg.coordinator.heartbeat_interval_s,
+                current_round=self._round,
+            )
             self._cond.notify_all()
         self.store.set_silo(req.silo_id, "joined", req.num_samples, req.device)
         log.info(
@@ -251,11 +246,9 @@ class Coordinator:
                     break
                 self._cond.wait(left)
                 task = self._task_for(req.silo_id)
-            task = task or cpb.Task(kind=cpb.Task.WAIT, run_id=self.run_id, round=self._round)
-            self._meter_call(task.round, req.silo_id, req, task)
-        return task
+            return task or cpb.Task(kind=cpb.Task.WAIT, run_id=self.run_id, round=self._round)
 
-    def download(self, req: cpb.DownloadRequest) -> Iterator[bytes]:
+    def download(self, req: cpb.DownloadRequest) -> Metered:
         """This round's model for the silo: a delta when it holds last round's."""
         with self._cond:
             info = self._touch(req.silo_id)
@@ -268,9 +261,7 @@ class Coordinator:
             info.state = "downloading"
             d = self._download
             holds_base = req.HasField("have_round") and req.have_round == d.base_round
-            messages = d.delta if d.delta is not None and holds_base else d.full
-            self.meter.add(self._round, req.silo_id, UP, req.ByteSize())
-            return self._metered_download(self._round, req.silo_id, messages)
+            return d.delta if d.delta is not None and holds_base else d.full
 
     def stream_deadline(self) -> float:
         """When a model stream opened now must have ended (monotonic): the open round's
@@ -280,27 +271,33 @@ class Coordinator:
                 return self._deadline
         return time.monotonic() + self.cfg.coordinator.round_deadline_s
 
+    def admit_upload(self, header: pb.ModelChunk) -> cpb.UploadReply | None:
+        """Whether the upload ``header`` announces may be read: RpcError when refused, a reply
+        when there is nothing to read (a duplicate), None when ``upload`` should go on."""
+        head = header.upload
+        with self._cond:
+            self._touch(head.silo_id)
+            self._check_run(head.run_id)
+            self._admit(head.silo_id, head.round)
+            if head.silo_id in self._results:
+                return cpb.UploadReply(accepted=True, message="duplicate upload ignored")
+            self._silos[head.silo_id].state = "uploading"
+        return None
+
     def upload(
         self,
         header: pb.ModelChunk,
-        chunks: Iterator[Message],
+        stream: Iterator[Message],
         slot: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> cpb.UploadReply:
-        """Take one silo's result: ``header`` (read and authenticated by the service: the caller
-        is ``header.upload.silo_id``), then the rest of the stream, decoded while holding
-        ``slot()`` (room in memory for one model) and kept on disk."""
+        """Take one silo's result, admitted by ``admit_upload``: ``header`` (read and
+        authenticated by the service: the caller is ``header.upload.silo_id``), then the rest of
+        the stream, decoded while holding ``slot()`` (room in memory for one model) and kept on
+        disk."""
         head = header.upload
         silo, round_num = head.silo_id, head.round
         with self._cond:
-            self._touch(silo)
-            self._check_run(head.run_id)
-            self._admit(silo, round_num)
-            if silo in self._results:
-                return cpb.UploadReply(accepted=True, message="duplicate upload ignored")
-            self._silos[silo].state = "uploading"
             reference = self._broadcast
-        stream = self._metered_upload(round_num, silo, itertools.chain([header], chunks))
-        next(stream)  # the header, counted like every message of the stream
         with slot():
             try:
                 decoded = decode_after_header(
@@ -378,34 +375,12 @@ class Coordinator:
             self._check_run(req.run_id)
             info.state = req.state or info.state
             reply = cpb.HeartbeatReply(current_round=self._round)
-            self._meter_call(self._round, req.silo_id, req, reply)
             record = info.last_seen - info.recorded_at >= HEARTBEAT_RECORD_S
             if record:
                 info.recorded_at = info.last_seen
         if record:  # for `lssfl status`
             self.store.set_silo(req.silo_id, info.state, info.num_samples, info.device)
         return reply
-
-    def _meter_call(
-        self, round_num: int, silo: str, request: ProtoMessage, reply: ProtoMessage
-    ) -> None:
-        """Count a unary call: its request up, its reply down."""
-        self.meter.add(round_num, silo, UP, request.ByteSize())
-        self.meter.add(round_num, silo, DOWN, reply.ByteSize())
-
-    def _metered_download(self, round_num: int, silo: str, messages: Metered) -> Iterator[bytes]:
-        """Stream ``messages`` to ``silo``, counting each as it goes out."""
-        for msg, sizes in messages:
-            self.meter.add(round_num, silo, DOWN, *sizes)
-            yield msg
-
-    def _metered_upload(
-        self, round_num: int, silo: str, messages: Iterable[Message]
-    ) -> Iterator[Message]:
-        """Pass on ``messages`` from ``silo``, counting each as it comes in."""
-        for msg in messages:
-            self.meter.add(round_num, silo, UP, *message_sizes(msg))
-            yield msg
 
     # ------------------------------------------------------------------ driver
 

@@ -1,14 +1,25 @@
-"""Meter: serialized bytes of every message, per round, per silo, per direction."""
+"""Meter: serialized bytes of every message, per round, per silo, per direction.
+
+Counted at the service boundary, where messages enter and leave: ``call`` for a unary RPC,
+``sent`` around a download's pre-serialized stream, ``received`` around an upload's stream.
+The state machine itself never counts.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from google.protobuf.message import Message as ProtoMessage
 
 from lssfl.common.wire import Message, RawData, part_of, raw_fp32_bytes
 
 DOWN, UP = "down", "up"
+
+# A download: serialized once per round, with (serialized, raw fp32, payload) sizes.
+Metered = list[tuple[bytes, tuple[int, int, int]]]
 
 
 @dataclass
@@ -68,3 +79,24 @@ class Meter:
         """The silos with any traffic in the round."""
         with self._lock:
             return sorted({s for (r, s, _) in self._counts if r == round_num})
+
+    def call(
+        self, round_num: int, silo_id: str, request: ProtoMessage, reply: ProtoMessage
+    ) -> None:
+        """Count a unary call: its request up, its reply down."""
+        self.add(round_num, silo_id, UP, request.ByteSize())
+        self.add(round_num, silo_id, DOWN, reply.ByteSize())
+
+    def sent(self, round_num: int, silo_id: str, messages: Metered) -> Iterator[bytes]:
+        """Stream ``messages`` to ``silo_id``, counting each as it goes out."""
+        for msg, sizes in messages:
+            self.add(round_num, silo_id, DOWN, *sizes)
+            yield msg
+
+    def received(
+        self, round_num: int, silo_id: str, messages: Iterable[Message]
+    ) -> Iterator[Message]:
+        """Pass on ``messages`` from ``silo_id``, counting each as it comes in."""
+        for msg in messages:
+            self.add(round_num, silo_id, UP, *message_sizes(msg))
+            yield msg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
@@ -30,6 +31,7 @@ from lssfl.common.wire import Message, WireError, read_header
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.server.coordinator import Coordinator, RpcError
+from lssfl.server.meter import UP
 from lssfl.server.streams import (
     CALLS_PER_SILO,
     DOWNLOADS_AT_ONCE,
@@ -170,6 +172,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
+        self.meter = coordinator.meter  # what enters and leaves is counted here, at the edge
         self.gate = Gatekeeper(coordinator.cfg.security, coordinator.cfg.silos)
         self.limits = PeerLimits()
         self.watch = StreamWatch(
@@ -231,22 +234,27 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
 
     def Join(self, request: cpb.JoinRequest, context: grpc.ServicerContext) -> cpb.JoinReply:
         """A silo enrols for the run."""
-        return self._answer(context, request.silo_id, self.c.join, request)
+        reply = self._answer(context, request.silo_id, self.c.join, request)
+        self.meter.call(reply.current_round, request.silo_id, request, reply)
+        return reply
 
     def GetTask(self, request: cpb.TaskRequest, context: grpc.ServicerContext) -> cpb.Task:
         """A silo's long poll for its next task."""
-        return self._answer(context, request.silo_id, self.c.get_task, request)
+        task = self._answer(context, request.silo_id, self.c.get_task, request)
+        self.meter.call(task.round, request.silo_id, request, task)
+        return task
 
     def DownloadModel(
         self, request: cpb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """This round's model as a stream of pre-serialized chunks."""
-        # Pre-serialized ModelChunk messages: the handler's serializer passes bytes through.
         with self._bounded(context, request.silo_id, f"round {request.round} download") as w:
             assert w is not None
             messages = self.c.download(request)
+            self.meter.add(request.round, request.silo_id, UP, request.ByteSize())
             with self.download_slots.take(w):
-                for msg in messages:
+                # Pre-serialized ModelChunk messages: the serializer passes bytes through.
+                for msg in self.meter.sent(request.round, request.silo_id, messages):
                     yield msg
                     w.touch()  # the previous message went out: the reader keeps up
 
@@ -264,17 +272,25 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
                 raise RpcError(
                     grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header"
                 ) from None
-            silo = header.upload.silo_id
-            self.gate.same_silo(self.gate.caller(dict(context.invocation_metadata())), silo)
-            self.gate.check(context, silo)
-            return self.c.upload(header, it, slot=lambda: self.slots.take(w))
+            head = header.upload
+            self.gate.same_silo(self.gate.caller(dict(context.invocation_metadata())), head.silo_id)
+            self.gate.check(context, head.silo_id)
+            done = self.c.admit_upload(header)
+            if done is not None:
+                return done
+            # Counted from the header on, once the coordinator has admitted the silo and round.
+            stream = self.meter.received(head.round, head.silo_id, itertools.chain([header], it))
+            next(stream)
+            return self.c.upload(header, stream, slot=lambda: self.slots.take(w))
         raise AssertionError("unreachable")  # _bounded returns or aborts
 
     def Heartbeat(
         self, request: cpb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> cpb.HeartbeatReply:
         """A silo's sign of life."""
-        return self._answer(context, request.silo_id, self.c.heartbeat, request)
+        reply = self._answer(context, request.silo_id, self.c.heartbeat, request)
+        self.meter.call(reply.current_round, request.silo_id, request, reply)
+        return reply
 
 
 def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | None:

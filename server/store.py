@@ -42,7 +42,7 @@ from safetensors.torch import save as st_save
 
 from lssfl.common.faults import crash_point
 from lssfl.common.files import atomic_save_tensors, atomic_write
-from lssfl.common.records import RoundRecord
+from lssfl.common.records import RecordError, RoundRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -77,6 +77,14 @@ CREATE TABLE IF NOT EXISTS silos (
 
 LOCK_FILE = "coordinator.lock"
 _CHECKPOINT_RE = re.compile(r"^round-(\d{4,})\.safetensors$")
+
+
+def _reads(record: str) -> bool:
+    try:
+        RoundRecord.from_dict(json.loads(record))
+    except (RecordError, json.JSONDecodeError):
+        return False
+    return True
 
 
 class StoreError(RuntimeError):
@@ -261,10 +269,17 @@ class RoundStore:
             os.fsync(f.fileno())
 
     def records(self) -> list[RoundRecord]:
-        """The committed rounds in order."""
+        """The committed rounds in order; StoreError when one is not a record this version reads."""
         with self._lock:
-            rows = self._db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
-        return [RoundRecord.from_dict(json.loads(r[0])) for r in rows]
+            rows = self._db.execute("SELECT round, record FROM rounds ORDER BY round").fetchall()
+        try:
+            return [RoundRecord.from_dict(json.loads(record)) for _, record in rows]
+        except (RecordError, json.JSONDecodeError) as exc:
+            bad = next(r for r, record in rows if not _reads(record))
+            raise StoreError(
+                f"{self.run_dir / 'state.db'}: round {bad} is not a round record this lssfl "
+                f"reads ({exc}); finish it with the lssfl that wrote it, or use another --run-dir"
+            ) from None
 
     def last_round(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """The last committed round and its global model, checked against its digest."""

@@ -19,12 +19,14 @@ class JoinRequest(_message.Message):
     def __init__(self, silo_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., device: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("run_id", "heartbeat_interval_s")
+    __slots__ = ("run_id", "heartbeat_interval_s", "current_round")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     heartbeat_interval_s: float
-    def __init__(self, run_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    current_round: int
+    def __init__(self, run_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., current_round: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("silo_id", "run_id")

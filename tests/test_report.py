@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lssfl import report
+from lssfl.common.records import RoundRecord
 from lssfl.report import load_run, read_metrics, summarize, write_comparison, write_report
 from lssfl.report.command import default_out_dir, register
 from lssfl.report.command import run as report_run
@@ -35,6 +36,8 @@ def _record(algorithm, rnd, acc, down, up, missing=(), wall=2.0, train=1.5):
             "bytes_up": 0 if gone else up,
             "bytes_down_raw": down,
             "bytes_up_raw": 0 if gone else up,
+            "bytes_down_payload": down,
+            "bytes_up_payload": 0 if gone else up,
             "train_seconds": None if (rnd == 0 or gone) else train + 0.1 * i,
             **({} if (rnd == 0 or gone) else {"train_loss": 1.0 / rnd}),
         })  # fmt: skip
@@ -47,7 +50,14 @@ def _record(algorithm, rnd, acc, down, up, missing=(), wall=2.0, train=1.5):
         "bytes_down": sum(s["bytes_down"] for s in silos),
         "bytes_up": sum(s["bytes_up"] for s in silos),
         "bytes_down_raw": sum(s["bytes_down_raw"] for s in silos),
+        "bytes_down_payload": sum(s["bytes_down_payload"] for s in silos),
         "bytes_up_raw": sum(s["bytes_up_raw"] for s in silos),
+        "bytes_up_payload": sum(s["bytes_up_payload"] for s in silos),
+        "cum_bytes_down": 0,  # the report sums rounds itself
+        "cum_bytes_up": 0,
+        "codec_down": "fp32",
+        "codec_up": "fp32",
+        "delta_downlink": False,
         "wall_seconds": wall,
         "num_results": 0 if rnd == 0 else len(SILOS) - len(missing),
         "missing": list(missing),
@@ -191,10 +201,10 @@ def test_target_option_and_unreached_target(runs, tmp_path, monkeypatch):
 
 
 def test_time_split_uses_the_slowest_silo():
-    rec = _record("fedavg", 1, 0.5, 1, 1, wall=2.0, train=1.5)
+    rec = RoundRecord.from_dict(_record("fedavg", 1, 0.5, 1, 1, wall=2.0, train=1.5))
     assert train_seconds(rec) == pytest.approx(1.7)  # silo-3: 1.5 + 0.2
     assert comm_seconds(rec) == pytest.approx(0.3)
-    rec["wall_seconds"] = 1.0  # clock noise never gives negative communication
+    rec.wall_seconds = 1.0  # clock noise never gives negative communication
     assert comm_seconds(rec) == 0.0
 
 
@@ -205,16 +215,29 @@ def test_malformed_and_missing_metrics_raise_one_line(tmp_path):
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    good = json.dumps(_record("fedavg", 0, 0.3, 1, 1))
+    record = _record("fedavg", 1, 0.3, 1, 1)
+    good = json.dumps(record)
+
+    def changed(**keys):
+        return json.dumps(record | keys)
+
+    def silo_changed(**keys):
+        return changed(silos=[record["silos"][0] | keys])
+
+    without_codec = {k: v for k, v in record.items() if k != "codec_up"}
     cases = {
         "{not json": "metrics.jsonl:2: not valid JSON",
         "[1, 2]": "metrics.jsonl:2: expected a JSON object",
-        '{"global_accuracy": 0.5}': "metrics.jsonl:2: 'round' must be an integer",
-        '{"round": 1, "global_accuracy": "high"}': "'global_accuracy' must be a number",
-        '{"round": 1, "silos": [{"silo_id": "a", "bytes_up": "x"}]}': "silo 'a': 'bytes_up'",
+        changed(round=-1): "metrics.jsonl:2: 'round' must be an integer",
+        changed(round=True): "metrics.jsonl:2: 'round' must be an integer",
+        changed(global_accuracy="high"): "'global_accuracy' must be a number",
+        silo_changed(bytes_up="x"): "silo 'silo-1': 'bytes_up' must be an integer",
         # Every figure of the round record, not only the ones the report draws.
-        '{"round": 1, "bytes_up_raw": [3]}': "'bytes_up_raw' must be a number",
-        '{"round": 1, "silos": [{"silo_id": "a", "num_samples": "9"}]}': "'num_samples' must",
+        changed(bytes_up_raw=[3]): "'bytes_up_raw' must be an integer",
+        silo_changed(num_samples="9"): "'num_samples' must",
+        changed(missing="silo-2"): "'missing' must be a list",
+        # A line from an older lssfl: one line naming the key, not a KeyError.
+        json.dumps(without_codec): "missing key 'codec_up'",
     }
     for line, message in cases.items():
         (bad / "metrics.jsonl").write_text(f"{good}\n{line}\n{good}\n")

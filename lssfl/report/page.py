@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lssfl.report.plots import PLOTS
-from lssfl.report.runs import Run, Summary, comm_seconds, is_num, num, train_seconds
+from lssfl.report.runs import Run, Summary, comm_seconds, is_num, train_seconds
 from lssfl.report.tables import fmt
 
 CSS = """
@@ -101,16 +101,16 @@ def _rounds_html(run: Run) -> str:
     for rec, cum in zip(run.records, run.cumulative_mb, strict=True):
         t = train_seconds(rec)
         rows.append([
-            str(rec["round"]), _e(rec.get("status", "-")),
-            fmt(rec.get("global_accuracy"), ".4f"), fmt(rec.get("global_loss"), ".4f"),
-            f"{num(rec, 'bytes_down') / 1e6:.3f}", f"{num(rec, 'bytes_up') / 1e6:.3f}",
-            f"{cum:.3f}", f"{num(rec, 'wall_seconds'):.1f}", fmt(t, ".1f"),
-            f"{comm_seconds(rec):.1f}" if rec["round"] > 0 else "-",
-            str(rec.get("num_results", "-")),
-            _e(", ".join(map(str, rec.get("missing") or [])) or "-"),
-            str(rec.get("late_refused", 0)),
+            str(rec.round), _e(rec.status),
+            fmt(rec.global_accuracy, ".4f"), fmt(rec.global_loss, ".4f"),
+            f"{rec.bytes_down / 1e6:.3f}", f"{rec.bytes_up / 1e6:.3f}",
+            f"{cum:.3f}", f"{rec.wall_seconds:.1f}", fmt(t, ".1f"),
+            f"{comm_seconds(rec):.1f}" if rec.round > 0 else "-",
+            str(rec.num_results),
+            _e(", ".join(map(str, rec.missing)) or "-"),
+            str(rec.late_refused),
         ])  # fmt: skip
-    status = [rec.get("status") for rec in run.records]
+    status = [rec.status for rec in run.records]
     return _table(head, rows, left=2,
                   cls=lambda ri, i: "miss" if status[ri] not in ("ok", "initial", None)
                   and i == 1 else None)  # fmt: skip
@@ -122,19 +122,19 @@ def _silos_html(run: Run) -> str:
     rows, flags = [], []
     tot = {s: [0.0, 0.0] for s in silos}
     for rec in run.records:
-        by_id = {str(s.get("silo_id")): s for s in rec.get("silos", [])}
-        cells, f = [str(rec["round"])], [False]
+        by_id = {s.silo_id: s for s in rec.silos}
+        cells, f = [str(rec.round)], [False]
         for sid in silos:
             s = by_id.get(sid)
             if s is None:
                 cells.append("-")
                 f.append(False)
                 continue
-            down, up = num(s, "bytes_down") / 1e6, num(s, "bytes_up") / 1e6
+            down, up = s.bytes_down / 1e6, s.bytes_up / 1e6
             tot[sid][0] += down
             tot[sid][1] += up
-            status = s.get("status")
-            bad = rec["round"] > 0 and status not in ("ok", None)
+            status = s.status
+            bad = rec.round > 0 and status not in ("ok", None)
             cells.append(f"{down:.3f} / {up:.3f}" + (f" ({_e(status)})" if bad else ""))
             f.append(bad)
         rows.append(cells)
@@ -158,18 +158,14 @@ def _pool_html(run: Run) -> str | None:
     silos = run.silo_ids()
     rows, flags = [], []
     for rec in run.records:
-        by_id = {str(s.get("silo_id")): s for s in rec.get("silos", [])}
-        if not any(is_num(s.get(POOL_KEYS[1][0])) for s in by_id.values()):
+        by_id = {s.silo_id: s.train_metrics for s in rec.silos}
+        if not any(is_num(m.get(POOL_KEYS[1][0])) for m in by_id.values()):
             continue
-        cells, f = [str(rec["round"])], [False]
+        cells, f = [str(rec.round)], [False]
         for sid in silos:
-            s = by_id.get(sid, {})
-            cells.append(
-                " / ".join(
-                    fmt(s.get(k), spec) if is_num(s.get(k)) else "-" for k, _, spec in POOL_KEYS
-                )
-            )
-            closest = s.get(POOL_KEYS[1][0])
+            m = by_id.get(sid, {})
+            cells.append(" / ".join(fmt(m.get(k), spec) for k, _, spec in POOL_KEYS))
+            closest = m.get(POOL_KEYS[1][0])
             f.append(is_num(closest) and closest < COLLAPSE_RMS)
         rows.append(cells)
         flags.append(f)

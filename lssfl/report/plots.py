@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from lssfl.report.runs import Run, comm_seconds, natural_key, num, train_seconds
+from lssfl.common.records import RoundRecord
+from lssfl.report.runs import Run, comm_seconds, natural_key, train_seconds
 
 PLOTS = (
     ("accuracy_per_round.png", "Accuracy per round"),
@@ -43,9 +43,9 @@ def _target_line(ax, target: float | None, note: str) -> None:
         ax.axhline(target, color="0.4", ls=":", lw=1.2, label=f"target {target:.4f} ({note})")
 
 
-def _not_aggregated(ax, x: Sequence[float], runs_recs: list[dict[str, Any]], acc, color) -> bool:
+def _not_aggregated(ax, x: Sequence[float], runs_recs: list[RoundRecord], acc, color) -> bool:
     pts = [(xi, a) for xi, r, a in zip(x, runs_recs, acc, strict=True)
-           if r.get("status") not in (None, "ok", "initial")]  # fmt: skip
+           if r.status not in (None, "ok", "initial")]  # fmt: skip
     if pts:
         ax.scatter(*zip(*pts, strict=True), s=90, facecolors="none", edgecolors=color, lw=1.5,
                    zorder=5)  # fmt: skip
@@ -118,7 +118,7 @@ def plot_accuracy_vs_mb(runs: Sequence[Run], path: Path, target=None, target_not
 
 
 def _round_ticks(ax, runs: Sequence[Run]) -> None:
-    rounds = sorted({r["round"] for run in runs for r in run.trained})
+    rounds = sorted({r.round for run in runs for r in run.trained})
     if 0 < len(rounds) <= 20:
         ax.set_xticks(rounds)
     else:
@@ -132,15 +132,15 @@ def _silo_grid(run: Run, silos: list[str]):
     """MB (down + up) and 'no model back' flags, silos x federated rounds (NaN: not listed)."""
     import numpy as np
 
-    rounds = [r["round"] for r in run.trained]
+    rounds = [r.round for r in run.trained]
     mb = np.full((len(silos), len(rounds)), np.nan)
     bad = np.zeros(mb.shape, dtype=bool)
     index = {s: i for i, s in enumerate(silos)}
     for j, rec in enumerate(run.trained):
-        for s in rec.get("silos", []):
-            i = index[str(s.get("silo_id"))]
-            mb[i, j] = (num(s, "bytes_down") + num(s, "bytes_up")) / 1e6
-            bad[i, j] = s.get("status") not in ("ok", None)
+        for s in rec.silos:
+            i = index[s.silo_id]
+            mb[i, j] = (s.bytes_down + s.bytes_up) / 1e6
+            bad[i, j] = s.status not in ("ok", None)
     return rounds, mb, bad
 
 
@@ -190,12 +190,12 @@ def plot_bytes_per_silo(runs: Sequence[Run], path: Path) -> Path:
         for j, silo in enumerate(silos):
             xs, hs, miss = [], [], []
             for rec in run.trained:
-                s = next((s for s in rec.get("silos", []) if str(s.get("silo_id")) == silo), None)
+                s = next((s for s in rec.silos if s.silo_id == silo), None)
                 if s is None:
                     continue
-                xs.append(rec["round"] - 0.4 + width * (j + 0.5))
-                hs.append((num(s, "bytes_down") + num(s, "bytes_up")) / 1e6)
-                miss.append(s.get("status") not in ("ok", None))
+                xs.append(rec.round - 0.4 + width * (j + 0.5))
+                hs.append((s.bytes_down + s.bytes_up) / 1e6)
+                miss.append(s.status not in ("ok", None))
             if not xs:
                 continue
             color = cmap_colors[j]
@@ -243,7 +243,7 @@ def plot_time(runs: Sequence[Run], path: Path) -> Path:
     axes = fig.subplots(len(runs), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
     for ax, run in zip(axes, runs, strict=True):
         recs = run.trained
-        x = [r["round"] for r in recs]
+        x = [r.round for r in recs]
         train = [train_seconds(r) or 0.0 for r in recs]
         comm = [comm_seconds(r) for r in recs]
         ax.bar(x, train, width=0.6, color=TRAIN_COLOR,

@@ -10,7 +10,6 @@ aggregation and evaluation on the coordinator, and waiting for late or missing s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -19,20 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from lssfl.common.records import RoundRecord, SiloRound
+from lssfl.common.records import RecordError, RoundRecord
 
 RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
 
 
 # ----------------------------------------------------------------- reading
-
-# The figures of a round and of a silo, as the coordinator writes them (RoundRecord,
-# SiloRound): the report reads them as numbers, so a line where one is not is refused.
-_NUMBER_TYPES = ("int", "float", "float | None")
-ROUND_NUMBERS = tuple(
-    f.name for f in dataclasses.fields(RoundRecord) if f.type in _NUMBER_TYPES and f.name != "round"
-)
-SILO_NUMBERS = tuple(f.name for f in dataclasses.fields(SiloRound) if f.type in _NUMBER_TYPES)
 
 
 def is_num(v: Any) -> TypeGuard[int | float]:
@@ -40,37 +31,13 @@ def is_num(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _check_record(rec: Any) -> str | None:
-    """What is wrong with one metrics.jsonl object, or None. Unknown keys are fine."""
-    if not isinstance(rec, dict):
-        return f"expected a JSON object, got {type(rec).__name__}"
-    r = rec.get("round")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-        return f"'round' must be an integer >= 0, got {r!r}"
-    for key in ROUND_NUMBERS:
-        v = rec.get(key)
-        if v is not None and not is_num(v):
-            return f"'{key}' must be a number, got {v!r}"
-    silos = rec.get("silos", [])
-    if not isinstance(silos, list) or not all(isinstance(s, dict) for s in silos):
-        return "'silos' must be a list of objects"
-    for s in silos:
-        for key in SILO_NUMBERS:
-            v = s.get(key)
-            if v is not None and not is_num(v):
-                return f"silo {s.get('silo_id')!r}: '{key}' must be a number, got {v!r}"
-    missing = rec.get("missing", [])
-    if not isinstance(missing, list):
-        return f"'missing' must be a list, got {missing!r}"
-    return None
-
-
-def read_metrics(run_dir: Path, *, strict: bool = False) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl`` in file order.
+def read_metrics(run_dir: Path, *, strict: bool = False) -> list[RoundRecord]:
+    """The rounds of ``run_dir/metrics.jsonl`` in file order, as typed records.
 
     Not strict (the launcher polls a running run): a missing file gives [] and an unfinished
     last line (no newline yet) is skipped. Strict: both raise ValueError. A malformed complete
-    line always raises ValueError naming the file and line.
+    line (not JSON, or not a round record: ``RoundRecord.from_dict`` names the key) always
+    raises ValueError naming the file and line.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -83,49 +50,30 @@ def read_metrics(run_dir: Path, *, strict: bool = False) -> list[dict[str, Any]]
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            records.append(RoundRecord.from_dict(json.loads(line)))
         except json.JSONDecodeError as exc:
             if i == len(lines) and not strict:  # the last line, still being written
                 break
             raise ValueError(
                 f"{path}:{i}: not valid JSON ({exc.msg}, column {exc.colno})"
             ) from None
-        problem = _check_record(rec)
-        if problem:
-            raise ValueError(f"{path}:{i}: {problem}")
-        records.append(rec)
+        except RecordError as exc:
+            raise ValueError(f"{path}:{i}: {exc}") from None
     return records
 
 
 # ----------------------------------------------------------------- per-round values
 
 
-def num(d: dict[str, Any], key: str) -> float:
-    """``d[key]`` as a float; 0 when absent or not a number."""
-    v = d.get(key)
-    return float(v) if is_num(v) else 0.0
-
-
-def _accuracy(rec: dict[str, Any]) -> float:
-    v = rec.get("global_accuracy")
-    return float(v) if is_num(v) else math.nan
-
-
-def _mb(rec: dict[str, Any]) -> float:
-    """MB down + up of a round (serialized messages, all silos)."""
-    return (num(rec, "bytes_down") + num(rec, "bytes_up")) / 1e6
-
-
-def train_seconds(rec: dict[str, Any]) -> float | None:
+def train_seconds(rec: RoundRecord) -> float | None:
     """The slowest answering silo's training time in this round (None: nobody trained)."""
-    times = [float(s["train_seconds"]) for s in rec.get("silos", [])
-             if is_num(s.get("train_seconds"))]  # fmt: skip
+    times = [s.train_seconds for s in rec.silos if s.train_seconds is not None]
     return max(times) if times else None
 
 
-def comm_seconds(rec: dict[str, Any]) -> float:
+def comm_seconds(rec: RoundRecord) -> float:
     """The round's wall time not spent in the slowest silo's training."""
-    return max(0.0, num(rec, "wall_seconds") - (train_seconds(rec) or 0.0))
+    return max(0.0, rec.wall_seconds - (train_seconds(rec) or 0.0))
 
 
 # ----------------------------------------------------------------- runs and summaries
@@ -136,7 +84,7 @@ class Run:
     """One run folder's rounds, with the label and colour it gets in a report."""
 
     path: Path
-    records: list[dict[str, Any]]  # one per round, sorted, unique
+    records: list[RoundRecord]  # one per round, sorted, unique
     label: str = ""
     color: str = RUN_COLORS[0]
 
@@ -148,44 +96,44 @@ class Run:
     @property
     def algorithm(self) -> str:
         """The trainer the run used (the last round's), or '?'."""
-        algos = [r["algorithm"] for r in self.records if r.get("algorithm")]
+        algos = [r.algorithm for r in self.records if r.algorithm]
         return str(algos[-1]) if algos else "?"
 
     @property
     def rounds(self) -> list[int]:
         """Round numbers, in order."""
-        return [r["round"] for r in self.records]
+        return [r.round for r in self.records]
 
     @property
     def accuracy(self) -> list[float]:
         """Global accuracy per round (NaN where not recorded)."""
-        return [_accuracy(r) for r in self.records]
+        return [r.global_accuracy for r in self.records]
 
     @property
     def cumulative_mb(self) -> list[float]:
         """MB exchanged up to and including each round, down + up."""
         out, total = [], 0.0
         for r in self.records:
-            total += _mb(r)
+            total += (r.bytes_down + r.bytes_up) / 1e6
             out.append(total)
         return out
 
     @property
-    def trained(self) -> list[dict[str, Any]]:
+    def trained(self) -> list[RoundRecord]:
         """Federated rounds (round 0, the initial model, left out)."""
-        return [r for r in self.records if r["round"] > 0]
+        return [r for r in self.records if r.round > 0]
 
     def silo_ids(self) -> list[str]:
         """Every silo that appears in any round, in natural order."""
         ids: set[str] = set()
         for r in self.records:
-            ids.update(str(s.get("silo_id")) for s in r.get("silos", []))
+            ids.update(s.silo_id for s in r.silos)
         return sorted(ids, key=natural_key)
 
 
-def unique_sorted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def unique_sorted(records: list[RoundRecord]) -> list[RoundRecord]:
     """One record per round, sorted by round."""
-    by_round = {r["round"]: r for r in records}  # a repeated round: the later line wins
+    by_round = {r.round: r for r in records}  # a repeated round: the later line wins
     return [by_round[k] for k in sorted(by_round)]
 
 
@@ -245,16 +193,16 @@ def summarize(run: Run, target: float | None = None) -> Summary:
         algorithm=run.algorithm,
         run=run.name,
         rounds=run.rounds[-1],
-        initial_accuracy=_accuracy(first) if first["round"] == 0 else math.nan,
+        initial_accuracy=first.global_accuracy if first.round == 0 else math.nan,
         final_accuracy=acc[-1],
         best_accuracy=best,
         best_round=best_round,
-        mb_down=sum(num(r, "bytes_down") for r in run.records) / 1e6,
-        mb_up=sum(num(r, "bytes_up") for r in run.records) / 1e6,
+        mb_down=sum(r.bytes_down for r in run.records) / 1e6,
+        mb_up=sum(r.bytes_up for r in run.records) / 1e6,
         mb_total=run.cumulative_mb[-1],
-        mb_fp32=sum(num(r, "bytes_down_raw") + num(r, "bytes_up_raw") for r in run.records) / 1e6,
-        seconds=sum(num(r, "wall_seconds") for r in run.trained),
-        missing_answers=sum(len(r.get("missing") or []) for r in run.records),
+        mb_fp32=sum(r.bytes_down_raw + r.bytes_up_raw for r in run.records) / 1e6,
+        seconds=sum(r.wall_seconds for r in run.trained),
+        missing_answers=sum(len(r.missing) for r in run.records),
     )
     if target is not None and not math.isnan(target):
         s.target = target

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lssfl.report.runs import Run, is_num, num, summarize
+from lssfl.common.records import RoundRecord
+from lssfl.report.runs import Run, is_num, summarize
 
 COLUMNS = ("round", "accuracy", "loss", "MB down", "MB up", "seconds", "silos", "missing")
 
@@ -19,17 +20,17 @@ def fmt(v: Any, spec: str) -> str:
     return format(v, spec) if is_num(v) and not math.isnan(v) else "-"
 
 
-def row(rec: dict[str, Any]) -> tuple[str, ...]:
+def row(rec: RoundRecord) -> tuple[str, ...]:
     """A round's cells in COLUMNS order, as text."""
     return (
-        str(rec["round"]),
-        fmt(rec.get("global_accuracy"), ".4f"),
-        fmt(rec.get("global_loss"), ".4f"),
-        f"{num(rec, 'bytes_down') / 1e6:.3f}",
-        f"{num(rec, 'bytes_up') / 1e6:.3f}",
-        f"{num(rec, 'wall_seconds'):.1f}",
-        str(rec.get("num_results", 0)),
-        ",".join(map(str, rec.get("missing") or [])) or "-",
+        str(rec.round),
+        fmt(rec.global_accuracy, ".4f"),
+        fmt(rec.global_loss, ".4f"),
+        f"{rec.bytes_down / 1e6:.3f}",
+        f"{rec.bytes_up / 1e6:.3f}",
+        f"{rec.wall_seconds:.1f}",
+        str(rec.num_results),
+        ",".join(map(str, rec.missing)) or "-",
     )
 
 
@@ -39,7 +40,7 @@ def format_line(cells: tuple[str, ...]) -> str:
     return "  ".join(c.rjust(w) if w else c for c, w in zip(cells, widths, strict=True))
 
 
-def write_run_tables(run_dir: Path, records: Sequence[dict[str, Any]]) -> Path:
+def write_run_tables(run_dir: Path, records: Sequence[RoundRecord]) -> Path:
     """Write metrics.csv and report.md for one run into run_dir; return report.md's path."""
     with open(run_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -48,14 +49,14 @@ def write_run_tables(run_dir: Path, records: Sequence[dict[str, Any]]) -> Path:
     lines = [f"# Run {run_dir.name}", ""]
     if records:
         first, last = records[0], records[-1]
-        total_down = sum(num(r, "bytes_down") for r in records)
-        total_up = sum(num(r, "bytes_up") for r in records)
+        total_down = sum(r.bytes_down for r in records)
+        total_up = sum(r.bytes_up for r in records)
         lines += [
-            f"- algorithm: {last.get('algorithm', '?')}",
-            f"- rounds: {last['round']}",
-            f"- global accuracy: {fmt(first.get('global_accuracy'), '.4f')} "
-            f"(round {first['round']}{', initial model' if first['round'] == 0 else ''}) -> "
-            f"{fmt(last.get('global_accuracy'), '.4f')} (round {last['round']})",
+            f"- algorithm: {last.algorithm}",
+            f"- rounds: {last.round}",
+            f"- global accuracy: {fmt(first.global_accuracy, '.4f')} "
+            f"(round {first.round}{', initial model' if first.round == 0 else ''}) -> "
+            f"{fmt(last.global_accuracy, '.4f')} (round {last.round})",
             f"- bytes: {total_down / 1e6:.3f} MB down, {total_up / 1e6:.3f} MB up in total",
             "",
             "| " + " | ".join(COLUMNS) + " |",
