@@ -7,6 +7,7 @@ program with one line that names the key and the expected type.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
@@ -29,6 +30,8 @@ class RunSection:
     seed: int = 0
     rounds: int = 3
     out_dir: str = "runs"
+    # TensorBoard event files in <run folder>/tensorboard (pip install 'lssfl[tensorboard]').
+    tensorboard: bool = False
 
 
 @dataclass
@@ -55,6 +58,8 @@ class CoordinatorSection:
     # silo, and wait for all of them).
     silos_per_round: int | None = None
     over_select: int = 0
+    # Serve Prometheus metrics at http://<host>:<port>/metrics (None: off; 0: any free port).
+    prometheus_port: int | None = None
 
 
 @dataclass
@@ -179,7 +184,7 @@ def build_section(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _check(cfg: RunConfig) -> None:
-    from lssfl.common.models import build_model
+    from lssfl.common.models import build_model, check_head
 
     if cfg.run.rounds < 1:
         raise ConfigError("run.rounds must be at least 1")
@@ -199,6 +204,13 @@ def _check(cfg: RunConfig) -> None:
     inflight = cfg.coordinator.max_inflight_upload_mb
     if inflight is not None and inflight <= 0:
         raise ConfigError("coordinator.max_inflight_upload_mb must be positive")
+    port = cfg.coordinator.prometheus_port
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"coordinator.prometheus_port must be 0..65535, got {port}")
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "run.tensorboard needs the tensorboard package: pip install 'lssfl[tensorboard]'"
+        )
     from lssfl.common.codecs import CodecError, parse_codec
 
     for direction in ("uplink", "downlink"):
@@ -226,9 +238,20 @@ def _check(cfg: RunConfig) -> None:
     if cfg.model.init == "pretrain" and cfg.data.kind != "embedded":
         raise ConfigError("model.init 'pretrain' needs data.kind 'embedded'")
     try:
-        build_model(cfg.model_spec)
+        model = build_model(cfg.model_spec)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+    head_aware = [
+        f"trainer.{k}" for k in ("exclude_head", "head_only") if cfg.trainer.get(k) is True
+    ]
+    if cfg.model.init == "pretrain":
+        head_aware.append("model.init: pretrain")
+    if head_aware:
+        num_classes = cfg.model.kwargs.get("num_classes")
+        try:
+            check_head(model, num_classes if isinstance(num_classes, int) else None)
+        except ValueError as exc:
+            raise ConfigError(f"model ({', '.join(head_aware)}): {exc}") from None
     # The hyper-parameters are the trainer's to check (lssfl.training.spec): common knows no
     # trainer. Only what the coordinator itself reads is checked here.
     if not isinstance(cfg.trainer.get("name"), str):

@@ -1,11 +1,19 @@
-"""Model architectures, built by name from a small JSON-able spec that travels with each task."""
+"""Model architectures, built by name from a small JSON-able spec that travels with each task.
+
+A name is one of the built-ins below, any torchvision classification model
+(``mobilenet_v3_small``, ``efficientnet_b0`` ...; random weights) or a site's own builder by
+import path (``my_pkg.models:build``, lssfl.common.plugins), called with the spec's kwargs.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
+
+from lssfl.common.plugins import is_import_path, load_import_path
 
 
 class SmallCNN(nn.Module):
@@ -69,13 +77,29 @@ def _resnet50(num_classes: int = 10) -> nn.Module:
 def head_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """The classifier head: the last ``nn.Linear`` in registration order, and its name.
 
-    Registration order puts the classifier last in every model built here and in
-    torchvision's classification models.
+    Registration order puts the classifier last in every model built here and in most of
+    torchvision's classification models; a model of a site's own must register its classifier
+    last for the features that treat the head apart (``exclude_head``, ``head_only``, the
+    new head of ``model.init: pretrain``).
     """
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to serve as its head")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer to serve as its classifier head"
+        )
     return linears[-1]
+
+
+def check_head(model: nn.Module, num_classes: int | None) -> None:
+    """ValueError unless the last ``nn.Linear`` looks like the classifier: it exists and, when
+    ``num_classes`` is known, has that many outputs."""
+    name, linear = head_linear(model)
+    if num_classes is not None and linear.out_features != num_classes:
+        raise ValueError(
+            f"the last nn.Linear of {type(model).__name__} ({name or 'the model'}) has "
+            f"{linear.out_features} outputs, not num_classes {num_classes}: register the "
+            "classifier last to use a head-aware feature"
+        )
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
@@ -87,16 +111,55 @@ def head_parameter_names(model: nn.Module) -> list[str]:
 _BUILDERS = {"cnn": SmallCNN, "mlp": MLP, "resnet18": _resnet18, "resnet50": _resnet50}
 
 
+@functools.cache
+def torchvision_models() -> frozenset[str]:
+    """The names of torchvision's classification models."""
+    import torchvision
+
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_builder(name: str) -> Any:
+    import torchvision
+
+    def build(**kwargs: Any) -> nn.Module:
+        # The built-ins' class count, not ImageNet's 1000; never downloaded weights.
+        kwargs.setdefault("num_classes", 10)
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+    return build
+
+
 def build_model(spec: dict[str, Any]) -> nn.Module:
-    """Build from ``{"name": ..., **kwargs}``; raises ValueError naming what is wrong."""
+    """Build from ``{"name": ..., **kwargs}``; raises ValueError naming what is wrong.
+
+    Import paths are imported here without question: callers that take the spec from a peer
+    check it first (lssfl.common.plugins.check_allowed).
+    """
     kwargs = dict(spec)
     name = kwargs.pop("name", None)
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(_BUILDERS))}")
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
+    if name in _BUILDERS:
+        builder: Any = _BUILDERS[name]
+    elif is_import_path(name):
+        builder = load_import_path(name, "model")
+    elif name in torchvision_models():
+        builder = _torchvision_builder(name)
+    else:
+        raise ValueError(
+            f"unknown model {name!r}; known: {', '.join(sorted(_BUILDERS))}, a torchvision "
+            "classification model (e.g. mobilenet_v3_small) or an import path package.module:name"
+        )
     try:
-        return _BUILDERS[name](**kwargs)
+        model = builder(**kwargs)
     except TypeError as exc:
         raise ValueError(f"bad arguments for model {name!r}: {exc}") from None
+    except Exception as exc:  # a site's builder may raise anything
+        raise ValueError(f"model {name!r} failed to build: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 @torch.no_grad()

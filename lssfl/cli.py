@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help="file holding this silo's bearer token (lssfl certs)"
     )
     silo.add_argument(
+        "--allow-plugin",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME",
+        help="a model or trainer import path a task may name (repeat for several); a task "
+        "naming any other import path ends the silo with an error",
+    )
+    silo.add_argument(
         "--max-wait",
         type=float,
         default=300.0,
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     cert=args.cert,
                     key=args.key,
                     token_file=args.token_file,
+                    allowed_plugins=args.allow_plugin,
                 )
                 daemon.run()
             except SiloRefused as exc:

@@ -13,11 +13,15 @@ from typing import IO
 
 from lssfl.common.config import RunConfig
 from lssfl.common.dataroot import prepare_data_root
+from lssfl.common.plugins import is_import_path
+from lssfl.common.records import RoundRecord
 from lssfl.common.rpc import ADDRESS_FILE
 from lssfl.common.security import CA_CERT, add_silo, make_certs, silo_files
 from lssfl.report import write_report
 from lssfl.report.runs import read_metrics
 from lssfl.report.tables import COLUMNS, format_line, row
+from lssfl.server.store import read_status
+from lssfl.status import open_round_progress, round_progress
 
 
 class _Proc:
@@ -39,6 +43,50 @@ class _Proc:
 
     def close(self) -> None:
         self._log.close()
+
+
+class _RoundProgress:
+    """Which silos have reported in the open round, from the store: redrawn on one line on a
+    terminal, a line per change otherwise (a log or a pipe keeps every step)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.tty = sys.stdout.isatty()
+        self._shown: str | None = None
+        self._drawn = False  # a redrawn line is on screen, to erase before the next row
+
+    def update(self) -> None:
+        """Show the open round's count when it changed since the last look."""
+        try:
+            text = open_round_progress(read_status(self.run_dir))
+        except ValueError:  # no state.db yet
+            return
+        if text is not None:
+            self._show(text)
+
+    def finish(self, record: RoundRecord) -> None:
+        """Before a round's row: its final count, which a 0.2 s look may have missed (a
+        line); the redrawn line is erased, the row says it."""
+        if self.tty:
+            if self._drawn:
+                sys.stdout.write("\r\x1b[K")
+                self._drawn = False
+            return
+        if record.round >= 1:
+            reported = [s.silo_id for s in record.silos if s.status == "ok"]
+            selected = len(reported) + len(record.missing)
+            self._show(round_progress(record.round, selected, reported))
+
+    def _show(self, text: str) -> None:
+        if text == self._shown:
+            return
+        self._shown = text
+        if self.tty:
+            sys.stdout.write(f"\r{text}\x1b[K")
+            self._drawn = True
+        else:
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def _stop_all(procs: list[_Proc], grace_s: float = 5.0) -> None:
@@ -67,6 +115,12 @@ def _security_args(cfg: RunConfig, silo: str) -> list[str]:
     if sec.tokens:
         args += ["--token-file", str(token)]
     return args
+
+
+def _plugin_args(cfg: RunConfig) -> list[str]:
+    """The import paths of this config: the silos run what the operator's own config names."""
+    names = (cfg.model.name, str(cfg.trainer.get("name")))
+    return [arg for name in names if is_import_path(name) for arg in ("--allow-plugin", name)]
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -120,15 +174,19 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
         for silo in cfg.silos:
             args = ["silo", "--coordinator", address, "--silo-id", silo]
             args += ["--data", str(data.silo_dirs[silo]), *_security_args(cfg, silo)]
+            args += _plugin_args(cfg)
             procs.append(_Proc(silo, args, logs / f"{silo}.log", silo_env))
 
         print(format_line(COLUMNS), flush=True)
         printed = 0
+        progress = _RoundProgress(run_dir)
         while True:
             records = read_metrics(run_dir)
             for rec in records[printed:]:
+                progress.finish(rec)
                 print(format_line(row(rec)), flush=True)
             printed = len(records)
+            progress.update()
             for p in procs[1:]:
                 code = p.popen.poll()
                 if code not in (None, 0) and p.name not in reported:
@@ -138,6 +196,7 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
                 break
             time.sleep(0.2)
         for rec in read_metrics(run_dir)[printed:]:
+            progress.finish(rec)
             print(format_line(row(rec)), flush=True)
         code = coord.popen.returncode
         if code != 0:

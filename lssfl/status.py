@@ -20,6 +20,19 @@ def _config(run_dir: Path) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def round_progress(round_num: int, selected: int, reported: list[str]) -> str:
+    """``round 3: 2/3 silos reported (silo-1, silo-3)``."""
+    names = f" ({', '.join(reported)})" if reported else ""
+    return f"round {round_num}: {len(reported)}/{selected} silos reported{names}"
+
+
+def open_round_progress(status: dict[str, Any]) -> str | None:
+    """``round_progress`` of the round in progress, from ``read_status``; None between rounds."""
+    if status["phase"] not in ("train", "aggregate") or not status["selected"]:
+        return None
+    return round_progress(status["round"], len(status["selected"]), status["reported"])
+
+
 def describe(run_dir: Path, now: float | None = None) -> str:
     """``lssfl status``: the run folder's round, phase and silos as text."""
     status = read_status(run_dir)
@@ -44,6 +57,9 @@ def describe(run_dir: Path, now: float | None = None) -> str:
         f"bytes so far: {status['bytes_down'] / 1e6:.3f} MB down, "
         f"{status['bytes_up'] / 1e6:.3f} MB up",
     ]
+    progress = open_round_progress(status)
+    if progress:
+        lines.append(progress)
     if (run_dir / ADDRESS_FILE).is_file():
         lines.append(f"address: {(run_dir / ADDRESS_FILE).read_text().strip()}")
     silos = status["silos"]

@@ -20,8 +20,10 @@ from lssfl.common.rpc import ADDRESS_FILE
 from lssfl.common.splits import load_split
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.initial import initial_state
+from lssfl.server.prometheus import serve_metrics
 from lssfl.server.service import serve
 from lssfl.server.store import RoundStore, StoreError
+from lssfl.server.tensorboard import TensorBoardLog
 from lssfl.training.spec import effective_config
 
 log = logging.getLogger("lssfl.coordinator")
@@ -70,19 +72,31 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
         model.load_state_dict(state)
         return evaluate(model, test.x, test.y)
 
+    board = TensorBoardLog(run_dir) if cfg.run.tensorboard else None
     coordinator = Coordinator(
         cfg,
         store,
         initial_state(cfg, data.pretrain_dir),
         evaluate_state,
         run_id=store.get("run_id"),
+        on_round=board.add if board else None,
     )
+    metrics_server = None
     try:
+        if cfg.coordinator.prometheus_port is not None:
+            metrics_server, metrics_port = serve_metrics(
+                coordinator, cfg.coordinator.host, cfg.coordinator.prometheus_port
+            )
+            log.info(
+                "prometheus metrics on http://%s:%d/metrics", cfg.coordinator.host, metrics_port
+            )
         server, bound = serve(
             coordinator, cfg.coordinator.host, cfg.coordinator.port if port is None else port
         )
     except OSError as exc:
         log.error("%s", exc)
+        if metrics_server is not None:
+            metrics_server.shutdown()
         return 2
     address = f"{cfg.coordinator.host}:{bound}"
     atomic_write(run_dir / ADDRESS_FILE, address.encode())
@@ -98,6 +112,10 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
         return 1
     finally:
         server.stop(grace=2).wait()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        if board is not None:
+            board.close()
     log.info("run finished: %s", run_dir)
     return 0
 

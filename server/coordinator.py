@@ -15,6 +15,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -130,6 +131,20 @@ def _metered(tensors: list[WireTensor], header: pb.ModelChunk) -> Metered:
     return [(to_wire(m), message_sizes(m)) for m in stream_tensors(tensors, header)]
 
 
+@dataclass
+class Snapshot:
+    """The coordinator's figures at one moment (lssfl.server.prometheus serves them)."""
+
+    round: int
+    rounds_completed: int
+    live_silos: int
+    enrolled_silos: int
+    bytes_down: int  # serialized bytes sent and received since this process started
+    bytes_up: int
+    refusals: dict[str, int]  # refused calls by gRPC status code name
+    global_accuracy: float | None
+
+
 class Coordinator:
     """The round state machine: joins, tasks, downloads, uploads, aggregation."""
 
@@ -140,8 +155,12 @@ class Coordinator:
         initial_state: dict[str, torch.Tensor],
         evaluate: Evaluate,
         run_id: str | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
     ) -> None:
+        """``on_round``: called with each round's record once it is committed (TensorBoard);
+        an exception it raises is logged, not raised."""
         self.cfg = cfg
+        self.on_round = on_round
         self.store = store
         self.evaluate = evaluate
         self.run_id = run_id or uuid.uuid4().hex[:12]
@@ -168,6 +187,28 @@ class Coordinator:
         # Every task carries these; serialized once, not on each long poll.
         self._model_json = json.dumps(cfg.model_spec, sort_keys=True)
         self._trainer_json = json.dumps(cfg.trainer, sort_keys=True)
+        self._refusals: Counter[str] = Counter()
+        self._progress_lock = threading.Lock()
+
+    def count_refusal(self, code: grpc.StatusCode) -> None:
+        """Count one refused call (the service calls this for every refusal it answers)."""
+        with self._cond:
+            self._refusals[code.name] += 1
+
+    def snapshot(self) -> Snapshot:
+        """The figures a monitoring scrape shows, read in one go."""
+        with self._cond:
+            last = self._last_record
+            return Snapshot(
+                round=self._round,
+                rounds_completed=last.round if last else 0,
+                live_silos=len(self._alive(time.monotonic())),
+                enrolled_silos=len(self.cfg.silos),
+                bytes_down=self.meter.total(DOWN),
+                bytes_up=self.meter.total(UP),
+                refusals=dict(self._refusals),
+                global_accuracy=last.global_accuracy if last else None,
+            )
 
     # ------------------------------------------------------------------ RPC side
 
@@ -336,6 +377,13 @@ class Coordinator:
             self._results.setdefault(silo, result)
             self._silos[silo].state = "idle"
             self._cond.notify_all()
+        # For `lssfl run` and `lssfl status`; the lock keeps a slower writer from putting back
+        # a shorter list.
+        with self._progress_lock:
+            with self._cond:
+                reported = sorted(self._results) if self._round == round_num else None
+            if reported is not None:
+                self.store.put(reported=json.dumps(reported))
         log.info(
             "round=%d silo=%s upload accepted (%.2f MB, %d samples)",
             round_num,
@@ -500,6 +548,8 @@ class Coordinator:
             selected = sorted(self._selected)
             self._cond.notify_all()
         self.store.set_phase(round_num, "train")
+        with self._progress_lock:
+            self.store.put(selected=json.dumps(selected), reported="[]")
         log.info("round=%d opened for %s", round_num, ", ".join(selected))
         for silo in sorted(self._results):
             self.meter.add(round_num, silo, UP, *self._results[silo].bytes_up)
@@ -628,6 +678,11 @@ class Coordinator:
         # with the round, so a resumed run sends the same bytes as an uninterrupted one.
         held = self._broadcast if self.cfg.compression.delta_downlink else None
         self.store.commit_round(self.global_state, record, held)
+        if self.on_round is not None:
+            try:
+                self.on_round(record)
+            except Exception as exc:  # monitoring (a full disk ...) never stops the run
+                log.warning("round=%d not written to TensorBoard: %s", round_num, exc)
         log.info(
             "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
             round_num,

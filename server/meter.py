@@ -80,6 +80,11 @@ class Meter:
         with self._lock:
             return sorted({s for (r, s, _) in self._counts if r == round_num})
 
+    def total(self, direction: str) -> int:
+        """Serialized bytes of every round and silo in ``direction``."""
+        with self._lock:
+            return sum(c.bytes for (_, _, d), c in self._counts.items() if d == direction)
+
     def call(
         self, round_num: int, silo_id: str, request: ProtoMessage, reply: ProtoMessage
     ) -> None:

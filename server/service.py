@@ -140,8 +140,9 @@ class CallerCheck(grpc.ServerInterceptor):
     """Refuses calls with a wrong or missing token, or from an unknown silo, before the call
     is handed to a server thread (interceptors run on gRPC's dispatching thread)."""
 
-    def __init__(self, gate: Gatekeeper) -> None:
+    def __init__(self, gate: Gatekeeper, count_refusal: Callable[[grpc.StatusCode], None]) -> None:
         self.gate = gate
+        self.count_refusal = count_refusal
 
     def intercept_service(
         self,
@@ -155,6 +156,7 @@ class CallerCheck(grpc.ServerInterceptor):
             self.gate.caller(dict(handler_call_details.invocation_metadata))
         except RpcError as exc:
             log.warning("refused %s: %s", handler_call_details.method.rsplit("/", 1)[-1], exc)
+            self.count_refusal(exc.code)
             return _refusal(exc.code, str(exc))
         return continuation(handler_call_details)
 
@@ -213,6 +215,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
                     self.gate.check(context, silo_id)
                 yield watched
         except (RpcError, Refused) as exc:
+            self.c.count_refusal(exc.code)
             context.abort(exc.code, str(exc))
         except Exception as exc:
             if watched is not None and watched.tripped:
@@ -340,7 +343,7 @@ def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, 
     # the silos' connections between the two.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        interceptors=[CallerCheck(servicer.gate)],
+        interceptors=[CallerCheck(servicer.gate, coordinator.count_refusal)],
         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
     )
     add_coordinator_servicer(servicer, server)

@@ -400,6 +400,8 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     finally:
         db.close()
     return {
+        "selected": _silo_list(run.get("selected")),  # of the round in progress
+        "reported": _silo_list(run.get("reported")),
         "run_id": run.get("run_id", run_dir.name),
         "round": int(run.get("round", 0)),
         "phase": run.get("phase", "starting"),
@@ -414,3 +416,11 @@ def read_status(run_dir: Path) -> dict[str, Any]:
             for r in silos
         ],
     }
+
+
+def _silo_list(text: str | None) -> list[str]:
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []

@@ -12,7 +12,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,6 +23,7 @@ from lssfl import __version__
 from lssfl.common.codecs import ErrorFeedback, parse_codec
 from lssfl.common.faults import crash_point
 from lssfl.common.models import build_model
+from lssfl.common.plugins import check_allowed
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import SILO_HEADER, TOKEN_HEADER, channel_credentials, read_secret
@@ -92,10 +93,14 @@ class SiloDaemon:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         tls_files: tuple[Path | None, Path | None, Path | None] | None = None,
+        allowed_plugins: Collection[str] = (),
     ) -> None:
         """``tls_files``: the (ca, cert, key) paths behind ``credentials`` (None each for
-        plaintext), to explain a failed handshake; None: not known, not explained."""
+        plaintext), to explain a failed handshake; None: not known, not explained.
+        ``allowed_plugins``: the import paths (model or trainer) a task may name; a task
+        naming another one ends the silo with PluginNotAllowed (lssfl.common.plugins)."""
         self.address = coordinator
+        self.allowed_plugins = frozenset(allowed_plugins)
         self._tls_files = tls_files
         self.silo_id = silo_id
         self.data = data
@@ -133,6 +138,7 @@ class SiloDaemon:
         cert: Path | None = None,
         key: Path | None = None,
         token_file: Path | None = None,
+        allowed_plugins: Collection[str] = (),
     ) -> SiloDaemon:
         """Build from paths, validating each; errors name the file at fault."""
         data = load_split(data_dir)
@@ -147,6 +153,7 @@ class SiloDaemon:
             credentials,
             token,
             (ca, cert, key),
+            allowed_plugins,
         )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
@@ -294,6 +301,14 @@ class SiloDaemon:
     def train_round(self, task: cpb.Task) -> None:
         """Download the round's model, train it locally, upload the result."""
         r = self.round = task.round
+        # Before a byte is downloaded: the names come from the coordinator, and importing a
+        # module runs its code.
+        model_spec = json.loads(task.model_json)
+        trainer_spec = json.loads(task.trainer_json)
+        if not isinstance(model_spec, dict) or not isinstance(trainer_spec, dict):
+            raise ValueError(f"round {r}: the task's model or trainer spec is not a JSON object")
+        check_allowed(str(model_spec.get("name")), self.allowed_plugins, "model")
+        check_allowed(str(trainer_spec.get("name")), self.allowed_plugins, "trainer")
         t0 = time.monotonic()
         self.state = "downloading"
         try:
@@ -313,12 +328,19 @@ class SiloDaemon:
         )
 
         self.state = "training"
-        model = build_model(json.loads(task.model_json)).to(self.device)
+        model = build_model(model_spec).to(self.device)
         model.load_state_dict(received.state)
-        trainer_spec = json.loads(task.trainer_json)
         trainer = make_trainer(trainer_spec)
         torch.manual_seed(task.seed)
         metrics = trainer.train(model, self._x, self._y, seed=task.seed)
+        if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in metrics.items()
+        ):
+            raise ValueError(
+                f"trainer {trainer_spec.get('name')!r} must return a dict of metric name -> "
+                f"number, got {str(metrics)[:200]}"
+            )
         t2 = time.monotonic()
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",

@@ -16,15 +16,15 @@ from lssfl.common.records import RoundRecord
 from lssfl.report import load_run, read_metrics, summarize, write_comparison, write_report
 from lssfl.report.command import default_out_dir, register
 from lssfl.report.command import run as report_run
-from lssfl.report.plots import PLOTS
-from lssfl.report.runs import comm_seconds, default_target, train_seconds
+from lssfl.report.plots import PLOTS, silo_bars
+from lssfl.report.runs import comm_seconds, default_target, time_splits, train_seconds
 from lssfl.report.tables import COLUMNS
 
 SILOS = ("silo-1", "silo-2", "silo-3")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _record(algorithm, rnd, acc, down, up, missing=(), wall=2.0, train=1.5):
+def _record(algorithm, rnd, acc, down, up, missing=(), wall=2.0, train=1.5, **codecs):
     silos = []
     for i, sid in enumerate(SILOS):
         gone = sid in missing
@@ -64,7 +64,7 @@ def _record(algorithm, rnd, acc, down, up, missing=(), wall=2.0, train=1.5):
         "late_refused": 0,
         "silos": silos,
         "some_future_key": {"codec": "zstd"},  # unknown keys are ignored
-    }
+    } | codecs
 
 
 def _write_run(folder: Path, records) -> Path:
@@ -85,11 +85,12 @@ def _fedavg(folder: Path) -> Path:
 
 def _lss(folder: Path) -> Path:
     # MB per round: 0.45 -> 1.350 in total; its best (0.68, round 2) after 0.900 MB
+    codecs = {"codec_down": "fp16", "delta_downlink": True, "codec_up": "int8+zstd"}
     return _write_run(folder, [
-        _record("lss", 0, 0.30, 10, 5, wall=6.0),
-        _record("lss", 1, 0.62, 100_000, 50_000, train=3.0),
-        _record("lss", 2, 0.68, 100_000, 50_000, train=3.0),
-        _record("lss", 3, 0.66, 100_000, 50_000, train=3.0),
+        _record("lss", 0, 0.30, 10, 5, wall=6.0, **codecs),
+        _record("lss", 1, 0.62, 100_000, 50_000, train=3.0, **codecs),
+        _record("lss", 2, 0.68, 100_000, 50_000, train=3.0, **codecs),
+        _record("lss", 3, 0.66, 100_000, 50_000, train=3.0, **codecs),
     ])  # fmt: skip
 
 
@@ -173,7 +174,9 @@ def test_comparison_summary_picks_the_right_values(runs, comparison):
 
     _check_pngs(comparison)
     html = (comparison / "report.html").read_text()
-    assert "fedavg (fedavg-run)" in html and "lss (lss-run)" in html
+    # Each run's label names its codecs.
+    assert "fedavg, down fp32, up fp32 (fedavg-run)" in html
+    assert "lss, down fp16 delta, up int8+zstd (lss-run)" in html
     for text in (
         "<b>0.7000</b>",
         "<b>0.6600</b>",
@@ -330,3 +333,36 @@ def test_a_comparison_prints_accuracy_side_by_side(runs, tmp_path, capsys):
     # round 2: fedavg 0.60 after 1.1 MB (0.6 + 0.5), lss 0.68 after 0.9 MB: +8 points
     assert rows[2].split() == ["2", "0.6000", "1.10", "MB", "0.6800", "0.90", "MB", "+8.00", "pts"]
     assert rows[0].split()[-2:] == ["+0.00", "pts"]
+
+
+def test_report_keeps_down_and_up_apart_shows_absent_silos_and_start_up(tmp_path):
+    records = [
+        _record("fedavg", 0, 0.3, 10, 5, wall=6.0),
+        _record("fedavg", 1, 0.5, 100_000, 50_000, wall=10.0),  # silos starting up
+        _record("fedavg", 2, 0.6, 100_000, 50_000),
+        _record("fedavg", 3, 0.7, 100_000, 50_000),
+    ]
+    records[2]["silos"] = records[2]["silos"][1:]  # silo-1 gone: no traffic in round 2
+    run_dir = _write_run(tmp_path / "run", records)
+    # silo-4 is enrolled and never joined.
+    (run_dir / "config.yaml").write_text("silos: [silo-1, silo-2, silo-3, silo-4]\n")
+    html = write_report(run_dir).read_text()
+
+    run = load_run(run_dir)
+    # Round 0 is start-up; round 1's communication beyond the later rounds' (0.3 s) is too.
+    splits = {t.round: t for t in time_splits(run.records)}
+    assert (splits[0].training, splits[0].startup, splits[0].rest) == (0.0, 6.0, 0.0)
+    assert splits[1].training == pytest.approx(1.7)  # the slowest silo
+    assert splits[1].startup == pytest.approx(8.0) and splits[1].rest == pytest.approx(0.3)
+    assert splits[2].startup == 0.0 and splits[2].rest == pytest.approx(0.3)
+    assert "<td>-</td><td>6.0</td><td>-</td>" in html  # round 0: start-up only
+    assert "<td>1.7</td><td>8.0</td><td>0.3</td>" in html  # round 1: apart from training
+
+    bars = {(b.round, b.silo, b.direction): b for b in silo_bars(run, run.silo_ids())}
+    assert (bars[1, "silo-1", "down"].mb, bars[1, "silo-1", "up"].mb) == (0.1, 0.05)
+    assert bars[2, "silo-1", "down"].status == "absent" and bars[2, "silo-1", "up"].mb == 0
+    assert {bars[r, "silo-4", "up"].status for r in (1, 2, 3)} == {"absent"}
+    assert bars[3, "silo-1", "up"].status == "ok"
+    # In the per-silo table: silo-1 in round 2 and silo-4 in every round, marked.
+    assert html.count('<td class="miss">absent</td>') == 1 + 3
+    assert "silo-4</th>" in html

@@ -20,7 +20,7 @@ from lssfl.common.config import (
     coerce_value,
     config_to_dict,
 )
-from lssfl.training.trainers import TRAINERS, make_trainer
+from lssfl.training.trainers import make_trainer, trainer_class
 
 
 def trainer_spec(section: Mapping[str, Any], source: str = "") -> dict[str, Any]:
@@ -34,21 +34,26 @@ def trainer_spec(section: Mapping[str, Any], source: str = "") -> dict[str, Any]
         trainer = make_trainer(dict(section))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{prefix}trainer: {exc}") from None
-    # Trainers are dataclasses: check the hyper-parameters' types like any other key.
     params = {k: v for k, v in section.items() if k != "name"}
+    if not dataclasses.is_dataclass(trainer):
+        return {"name": section["name"], **params}  # a site's trainer that is no dataclass
+    # Dataclass trainers (every built-in): check the hyper-parameters' types like any key.
     try:
         build_section(type(trainer), params, "trainer.")
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
-    params = dataclasses.asdict(trainer)  # type: ignore[call-overload]  # every trainer is one
-    return {"name": section["name"], **params}
+    return {"name": section["name"], **dataclasses.asdict(trainer)}
 
 
 def check_trainer(cfg: RunConfig) -> None:
     """Type ``cfg.trainer``'s values like any other key (``lr: 1e-3``, a string to YAML 1.1,
     becomes 0.001) and check the section; ConfigError naming the key."""
-    trainer_cls = TRAINERS.get(str(cfg.trainer.get("name")))
-    if trainer_cls is not None:
+    try:
+        trainer_cls = trainer_class(cfg.trainer.get("name"))
+    except ValueError as exc:
+        prefix = f"{cfg.source}: " if cfg.source else ""
+        raise ConfigError(f"{prefix}trainer: {exc}") from None
+    if dataclasses.is_dataclass(trainer_cls):
         hints = typing.get_type_hints(trainer_cls)
         try:
             cfg.trainer = {

@@ -11,26 +11,45 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from lssfl.common.models import head_parameter_names
+from lssfl.common.plugins import is_import_path, load_import_path
 from lssfl.training.loop import batches, local_step, make_optimizer
 from lssfl.training.lss import LSSTrainer
 
 
+@runtime_checkable
 class LocalTrainer(Protocol):
-    """What a silo runs each round: any object with this ``train`` method."""
+    """What a silo runs each round: any object with this ``train`` method.
+
+    A site plugs in its own with ``trainer: {name: "my_pkg.train:MyTrainer", ...}``: the
+    silo calls ``MyTrainer(**hyper_parameters)`` (the section's other keys) once per round,
+    then ``train``. When the class is a dataclass its fields' types are checked like any
+    other config key. A silo imports the class only if started with ``--allow-plugin
+    my_pkg.train:MyTrainer``; ``lssfl run`` passes that for the config's own names.
+    """
 
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
     ) -> dict[str, float]:
         """Train ``model`` in place on (x, y); return metrics such as ``train_loss``.
 
-        ``model``, ``x`` and ``y`` are already on the silo's device. All randomness must come
-        from ``seed`` so that a round can be replayed bit for bit on CPU.
+        Receives the global model of the round, already loaded with the received weights, and
+        the silo's private samples ``x`` (float images, N x C x H x W) with int64 labels ``y``;
+        all three are already on the silo's device. What ``model`` holds on return is
+        uploaded: its state dict, every key and shape unchanged.
+
+        All randomness must come from ``seed`` (e.g. ``torch.Generator().manual_seed(seed)``)
+        so that a round can be replayed bit for bit on CPU; the silo also seeds torch's
+        global generator with it before the call.
+
+        The returned metrics (name -> float; ``train_loss`` by convention) are sent to the
+        coordinator with the upload and recorded per silo as ``train_<name>`` in
+        metrics.jsonl; keep them few and finite.
         """
         ...
 
@@ -217,17 +236,42 @@ TRAINERS: dict[str, type] = {
 }
 
 
+def trainer_class(name: Any) -> Any:
+    """The class (or factory) a trainer name stands for: a built-in or an import path;
+    ValueError naming what is wrong."""
+    if isinstance(name, str) and is_import_path(name):
+        return load_import_path(name, "trainer")
+    if name not in TRAINERS:
+        raise ValueError(
+            f"unknown trainer {name!r}; known: {', '.join(sorted(TRAINERS))} or an import path "
+            "package.module:Class"
+        )
+    return TRAINERS[name]
+
+
 def make_trainer(spec: dict[str, Any]) -> LocalTrainer:
     """Build from ``{"name": "fedavg", **hyper_parameters}``; ValueError names what is wrong."""
     params = dict(spec)
     name = params.pop("name", None)
-    if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; known: {', '.join(sorted(TRAINERS))}")
-    cls = TRAINERS[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
+    cls = trainer_class(name)
+    if dataclasses.is_dataclass(cls):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"trainer {name!r} has no parameter {unknown[0]!r}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+    try:
+        trainer = cls(**params)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments for trainer {name!r}: {exc}") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # a site's trainer may raise anything
+        raise ValueError(f"trainer {name!r} failed to start: {type(exc).__name__}: {exc}") from None
+    if not isinstance(trainer, LocalTrainer):
         raise ValueError(
-            f"trainer {name!r} has no parameter {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            f"trainer {name!r} made a {type(trainer).__name__}, which has no train() method"
         )
-    return cls(**params)
+    return trainer

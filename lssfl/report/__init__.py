@@ -20,6 +20,7 @@ from lssfl.report.plots import write_plots
 from lssfl.report.runs import (
     Run,
     default_target,
+    enrolled_silos,
     label_runs,
     load_run,
     read_metrics,
@@ -61,7 +62,8 @@ def write_report(run_dir: Path, *, target: float | None = None) -> Path:
     md = write_run_tables(run_dir, records)
     if not records:
         return md
-    return _write_html([Run(run_dir, records)], run_dir, f"lssfl run {run_dir.name}", target)
+    run = Run(run_dir, records, enrolled=enrolled_silos(run_dir))
+    return _write_html([run], run_dir, f"lssfl run {run_dir.name}", target)
 
 
 def write_comparison(

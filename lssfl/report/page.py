@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lssfl.report.plots import PLOTS
-from lssfl.report.runs import Run, Summary, comm_seconds, is_num, train_seconds
+from lssfl.report.runs import Run, Summary, is_num, time_splits, train_seconds
 from lssfl.report.tables import fmt
 
 CSS = """
@@ -92,20 +92,23 @@ def _rounds_html(run: Run) -> str:
         "cumulative MB",
         "seconds",
         "training s",
+        "start-up s",
         "comm. + wait s",
         "answers",
         "missing",
         "late refused",
     ]
     rows = []
-    for rec, cum in zip(run.records, run.cumulative_mb, strict=True):
+    splits = time_splits(run.records)
+    for rec, cum, split in zip(run.records, run.cumulative_mb, splits, strict=True):
         t = train_seconds(rec)
         rows.append([
             str(rec.round), _e(rec.status),
             fmt(rec.global_accuracy, ".4f"), fmt(rec.global_loss, ".4f"),
             f"{rec.bytes_down / 1e6:.3f}", f"{rec.bytes_up / 1e6:.3f}",
             f"{cum:.3f}", f"{rec.wall_seconds:.1f}", fmt(t, ".1f"),
-            f"{comm_seconds(rec):.1f}" if rec.round > 0 else "-",
+            f"{split.startup:.1f}" if split.startup else "-",
+            f"{split.rest:.1f}" if rec.round > 0 else "-",
             str(rec.num_results),
             _e(", ".join(map(str, rec.missing)) or "-"),
             str(rec.late_refused),
@@ -126,9 +129,9 @@ def _silos_html(run: Run) -> str:
         cells, f = [str(rec.round)], [False]
         for sid in silos:
             s = by_id.get(sid)
-            if s is None:
-                cells.append("-")
-                f.append(False)
+            if s is None:  # no traffic at all: it had left, or never joined
+                cells.append("absent" if rec.round > 0 else "-")
+                f.append(rec.round > 0)
                 continue
             down, up = s.bytes_down / 1e6, s.bytes_up / 1e6
             tot[sid][0] += down
@@ -212,11 +215,15 @@ def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, 
         PLOTS[0][0]: "Test accuracy of the global model after each round.",
         PLOTS[1][0]: "Test accuracy against the MB exchanged so far (down + up, all silos): "
         "further left at the same height = fewer bytes for that accuracy.",
-        PLOTS[2][0]: "MB each silo exchanged in each round (model down + update up); "
-        "hatched: the silo did not send a model back. Round 0 left out.",
+        PLOTS[2][0]: "MB each silo exchanged in each round, model down (solid) and update up "
+        "(light) as separate bars; hatched: the silo did not send a model back; a cross: the "
+        "silo was absent (no traffic at all that round). Round 0 left out.",
         PLOTS[3][0]: "Each round's wall time: the slowest answering silo's local training "
-        "(the round waits for it), and the rest: transfers, aggregation and evaluation on the "
-        "coordinator, and waiting for late or missing silos. Round 0 left out.",
+        "(the round waits for it); start-up (grey, dotted): round 0 is waiting for the silos "
+        "to join and the initial evaluation, and in round 1 the communication and waiting "
+        "beyond the later rounds' median (first download, each silo's first steps); the rest: "
+        "transfers, aggregation and evaluation on the coordinator, and waiting for late or "
+        "missing silos.",
     }
     for name, heading in PLOTS:
         parts.append(
@@ -231,7 +238,8 @@ def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, 
     parts.append("<h2>Bytes per silo</h2>")
     parts.append(
         '<p class="note">MB down / MB up per silo and round; red: the silo was '
-        "selected but sent no model back (missing) or was not selected (idle).</p>"
+        "selected but sent no model back (missing), was not selected (idle), or was absent "
+        "(no traffic at all: it had left or never joined).</p>"
     )
     for run in runs:
         if len(runs) > 1:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from lssfl.common.records import RoundRecord
-from lssfl.report.runs import Run, comm_seconds, natural_key, train_seconds
+from lssfl.report.runs import Run, natural_key, time_splits
 
 PLOTS = (
     ("accuracy_per_round.png", "Accuracy per round"),
@@ -15,7 +16,7 @@ PLOTS = (
     ("bytes_per_silo.png", "Bytes per silo per round"),
     ("time_per_round.png", "Time per round: training and communication"),
 )
-TRAIN_COLOR, COMM_COLOR = "#4c72b0", "#f2a154"
+TRAIN_COLOR, COMM_COLOR, STARTUP_COLOR = "#4c72b0", "#f2a154", "#b0b0b0"
 
 
 def _figure(width: float, height: float):
@@ -117,8 +118,8 @@ def plot_accuracy_vs_mb(runs: Sequence[Run], path: Path, target=None, target_not
     return _save(fig, path)
 
 
-def _round_ticks(ax, runs: Sequence[Run]) -> None:
-    rounds = sorted({r.round for run in runs for r in run.trained})
+def _round_ticks(ax, runs: Sequence[Run], initial: bool = False) -> None:
+    rounds = sorted({r.round for run in runs for r in (run.records if initial else run.trained)})
     if 0 < len(rounds) <= 20:
         ax.set_xticks(rounds)
     else:
@@ -173,59 +174,82 @@ def _bytes_heatmap(runs: Sequence[Run], silos: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+@dataclass
+class SiloBar:
+    """One bar of the bytes plot: a silo's MB one way in one round."""
+
+    round: int
+    silo: str
+    direction: str  # "down" or "up"
+    mb: float
+    status: str  # the silo's status that round, or "absent": not in the round's record
+
+
+def silo_bars(run: Run, silos: Sequence[str]) -> list[SiloBar]:
+    """The bytes plot's data: down and up apart, per federated round and silo."""
+    bars = []
+    for rec in run.trained:
+        by_id = {s.silo_id: s for s in rec.silos}
+        for silo in silos:
+            s = by_id.get(silo)
+            for direction in ("down", "up"):
+                mb = 0.0 if s is None else getattr(s, f"bytes_{direction}") / 1e6
+                bars.append(
+                    SiloBar(rec.round, silo, direction, mb, "absent" if s is None else s.status)
+                )
+    return bars
+
+
 def plot_bytes_per_silo(runs: Sequence[Run], path: Path) -> Path:
-    """MB per silo per round: bars, or a heat map when there are many."""
+    """MB per silo per round, down and up as separate bars, or a heat map when there are
+    many; an absent silo is a cross on the axis."""
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     silos = sorted({s for run in runs for s in run.silo_ids()}, key=natural_key)
-    if len(silos) * max((len(run.trained) for run in runs), default=0) > MAX_BARS:
+    if 2 * len(silos) * max((len(run.trained) for run in runs), default=0) > MAX_BARS:
         return _bytes_heatmap(runs, silos, path)
-    labelled: set[str] = set()
-    cmap_colors = _silo_colors(len(silos))
+    colors = dict(zip(silos, _silo_colors(len(silos)), strict=True))
+    slot = 0.8 / max(1, len(silos))  # each silo's share of a round; down and up halves
+    offset = {s: -0.4 + slot * j for j, s in enumerate(silos)}
     fig = _figure(8, 1.2 + 2.9 * len(runs))
     axes = fig.subplots(len(runs), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
-    any_missing = False
-    width = 0.8 / max(1, len(silos))
+    flags = set()
     for ax, run in zip(axes, runs, strict=True):
-        for j, silo in enumerate(silos):
-            xs, hs, miss = [], [], []
-            for rec in run.trained:
-                s = next((s for s in rec.silos if s.silo_id == silo), None)
-                if s is None:
-                    continue
-                xs.append(rec.round - 0.4 + width * (j + 0.5))
-                hs.append((s.bytes_down + s.bytes_up) / 1e6)
-                miss.append(s.status not in ("ok", None))
-            if not xs:
+        for bar in silo_bars(run, silos):
+            up = bar.direction == "up"
+            x = bar.round + offset[bar.silo] + slot * (0.75 if up else 0.25)
+            if bar.status == "absent":
+                if not up:
+                    ax.plot([x + slot / 4], [0], ls="none", marker="x", color="#d62728", ms=7)
+                    flags.add("absent")
                 continue
-            color = cmap_colors[j]
-            bars = ax.bar(xs, hs, width=width * 0.92, color=color,
-                          label=None if silo in labelled else silo)  # fmt: skip
-            labelled.add(silo)
-            for bar, m in zip(bars, miss, strict=True):
-                if m:
-                    any_missing = True
-                    bar.set_facecolor("white")
-                    bar.set_edgecolor(color)
-                    bar.set_hatch("///")
+            drawn = ax.bar([x], [bar.mb], width=slot * 0.46, color=colors[bar.silo],
+                           alpha=0.45 if up else 1.0)[0]  # fmt: skip
+            if bar.status not in ("ok", None):
+                flags.add("missing")
+                drawn.set_facecolor("white")
+                drawn.set_edgecolor(colors[bar.silo])
+                drawn.set_hatch("///")
         ax.set_title(run.label, fontsize=10, loc="left")
-        ax.set_ylabel("MB (down + up)")
+        ax.set_ylabel("MB (left: down, right: up)")
         _style(ax)
         ax.grid(False, axis="x")
     _round_ticks(axes[-1], runs)
     axes[-1].set_xlabel("round")
-    handles, labels = [], []
-    for ax in axes:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
-    if any_missing:
+    handles: list = [Patch(color=colors[s]) for s in silos]
+    labels = list(silos)
+    handles += [Patch(color="0.3"), Patch(color="0.3", alpha=0.45)]
+    labels += ["down (model to silo)", "up (update from silo)"]
+    if "missing" in flags:
         handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="///"))
         labels.append("missing / idle (no model back)")
-    fig.suptitle("Bytes per silo per round (serialized gRPC messages, model down + update up)")
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(handles)),
-                   fontsize=9)  # fmt: skip
+    if "absent" in flags:
+        handles.append(Line2D([], [], ls="none", marker="x", color="#d62728"))
+        labels.append("absent (no traffic)")
+    fig.suptitle("Bytes per silo per round, down and up (serialized gRPC messages)")
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(handles)),
+               fontsize=9)  # fmt: skip
     return _save(fig, path)
 
 
@@ -238,33 +262,36 @@ def _silo_colors(n: int) -> list[tuple[float, float, float, float]]:
 
 
 def plot_time(runs: Sequence[Run], path: Path) -> Path:
-    """Each round's wall time split into training and the rest."""
+    """Each round's wall time split into training, start-up and the rest (time_splits)."""
     fig = _figure(8, 1.2 + 2.7 * len(runs))
     axes = fig.subplots(len(runs), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
     for ax, run in zip(axes, runs, strict=True):
-        recs = run.trained
-        x = [r.round for r in recs]
-        train = [train_seconds(r) or 0.0 for r in recs]
-        comm = [comm_seconds(r) for r in recs]
+        splits = time_splits(run.records)
+        x = [t.round for t in splits]
+        train = [t.training for t in splits]
+        startup = [t.startup for t in splits]
+        first = ax is axes[0]
         ax.bar(x, train, width=0.6, color=TRAIN_COLOR,
-               label="training (slowest silo)" if ax is axes[0] else None)  # fmt: skip
+               label="training (slowest silo)" if first else None)  # fmt: skip
+        ax.bar(x, startup, width=0.6, bottom=train, color=STARTUP_COLOR, hatch="..",
+               label="start-up (joins, first round)" if first else None)  # fmt: skip
         ax.bar(
             x,
-            comm,
+            [t.rest for t in splits],
             width=0.6,
-            bottom=train,
+            bottom=[a + b for a, b in zip(train, startup, strict=True)],
             color=COMM_COLOR,
-            label="communication + waiting (rest of the round)" if ax is axes[0] else None,
+            label="communication + waiting" if first else None,
         )
         ax.set_title(run.label, fontsize=10, loc="left")
         ax.set_ylabel("seconds")
         _style(ax)
         ax.grid(False, axis="x")
-    _round_ticks(axes[-1], runs)
+    _round_ticks(axes[-1], runs, initial=True)
     axes[-1].set_xlabel("round")
-    fig.suptitle("Wall time per round: training vs communication and waiting")
-    if any(run.trained for run in runs):
-        fig.legend(loc="outside lower center", ncols=2, fontsize=9)
+    fig.suptitle("Wall time per round: training, start-up, communication and waiting")
+    if any(run.records for run in runs):
+        fig.legend(loc="outside lower center", ncols=3, fontsize=9)
     return _save(fig, path)
 
 

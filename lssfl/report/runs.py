@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,33 @@ def comm_seconds(rec: RoundRecord) -> float:
     return max(0.0, rec.wall_seconds - (train_seconds(rec) or 0.0))
 
 
+@dataclass
+class TimeSplit:
+    """A round's wall time in three parts that add up to it."""
+
+    round: int
+    training: float  # the slowest answering silo's
+    startup: float  # round 0: waiting for the silos to join and the initial evaluation;
+    # round 1: its communication + waiting beyond the later rounds' median (first download,
+    # each silo's first steps); 0 elsewhere, and in round 1 when it is the only round
+    rest: float  # communication and waiting
+
+
+def time_splits(records: Sequence[RoundRecord]) -> list[TimeSplit]:
+    """Each round's TimeSplit, start-up kept apart from training and communication."""
+    later = [comm_seconds(r) for r in records if r.round >= 2]
+    typical = statistics.median(later) if later else None
+    out = []
+    for r in records:
+        if r.round == 0:
+            out.append(TimeSplit(0, 0.0, r.wall_seconds, 0.0))
+            continue
+        rest = comm_seconds(r)
+        startup = max(0.0, rest - typical) if r.round == 1 and typical is not None else 0.0
+        out.append(TimeSplit(r.round, train_seconds(r) or 0.0, startup, rest - startup))
+    return out
+
+
 # ----------------------------------------------------------------- runs and summaries
 
 
@@ -87,6 +115,7 @@ class Run:
     records: list[RoundRecord]  # one per round, sorted, unique
     label: str = ""
     color: str = RUN_COLORS[0]
+    enrolled: list[str] = field(default_factory=list)  # the config's silos, when known
 
     @property
     def name(self) -> str:
@@ -123,9 +152,16 @@ class Run:
         """Federated rounds (round 0, the initial model, left out)."""
         return [r for r in self.records if r.round > 0]
 
+    @property
+    def codecs(self) -> str:
+        """The last round's codecs: ``down fp16 delta, up int8+zstd``."""
+        last = self.records[-1]
+        delta = " delta" if last.delta_downlink else ""
+        return f"down {last.codec_down}{delta}, up {last.codec_up}"
+
     def silo_ids(self) -> list[str]:
-        """Every silo that appears in any round, in natural order."""
-        ids: set[str] = set()
+        """Every silo enrolled or appearing in any round, in natural order."""
+        ids: set[str] = set(self.enrolled)
         for r in self.records:
             ids.update(s.silo_id for s in r.silos)
         return sorted(ids, key=natural_key)
@@ -145,14 +181,27 @@ def load_run(run_dir: Path) -> Run:
     records = read_metrics(run_dir, strict=True)
     if not records:
         raise ValueError(f"{run_dir / 'metrics.jsonl'}: no rounds recorded")
-    return Run(run_dir, unique_sorted(records))
+    return Run(run_dir, unique_sorted(records), enrolled=enrolled_silos(run_dir))
+
+
+def enrolled_silos(run_dir: Path) -> list[str]:
+    """The silos of the run's config.yaml (the coordinator writes it); [] when unreadable: a
+    silo that never joined is then left out of the report, not an error."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    silos = cfg.get("silos") if isinstance(cfg, dict) else None
+    return [str(s) for s in silos[:10_000]] if isinstance(silos, list) else []
 
 
 def label_runs(runs: list[Run]) -> None:
     """Give each run a distinct label and a colour, in order."""
     seen: dict[str, int] = {}
     for i, run in enumerate(runs):
-        label = f"{run.algorithm} ({run.name})"
+        label = f"{run.algorithm}, {run.codecs} ({run.name})"
         seen[label] = seen.get(label, 0) + 1
         run.label = label if seen[label] == 1 else f"{label} #{seen[label]}"
         run.color = RUN_COLORS[i % len(RUN_COLORS)]
