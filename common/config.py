@@ -116,6 +116,22 @@ class SecuritySection:
 
 
 @dataclass
+class EvaluationSection:
+    """``evaluation``: who measures the global model, and on what."""
+
+    # "coordinator": on its own test split (data.root/test). "silos": each selected silo on
+    # its own held-out data, reported to the coordinator, which records the sample-weighted
+    # mean. "both". None: the coordinator when it has a test split, else the silos.
+    where: str | None = None
+    # The fraction of each silo's data kept out of training to evaluate on, drawn from
+    # (run seed, silo id); a silo with its own test split uses that instead.
+    holdout: float = 0.2
+
+
+EVALUATION_WHERE = ("coordinator", "silos", "both")
+
+
+@dataclass
 class RunConfig:
     """One run's whole configuration, as read from its YAML file."""
 
@@ -127,6 +143,7 @@ class RunConfig:
     trainer: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
     compression: CompressionSection = field(default_factory=CompressionSection)
     security: SecuritySection = field(default_factory=SecuritySection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     source: str = ""  # file it was read from; not a key
 
     @property
@@ -227,6 +244,13 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("security.mutual_tls needs security.tls")
     if cfg.data.kind not in ("embedded", "folders"):
         raise ConfigError(f"data.kind must be 'embedded' or 'folders', got {cfg.data.kind!r}")
+    where = cfg.evaluation.where
+    if where is not None and where not in EVALUATION_WHERE:
+        raise ConfigError(
+            f"evaluation.where must be one of {', '.join(EVALUATION_WHERE)}, got {where!r}"
+        )
+    if not 0.0 < cfg.evaluation.holdout < 1.0:
+        raise ConfigError(f"evaluation.holdout must be in (0, 1), got {cfg.evaluation.holdout!r}")
     if cfg.model.init not in ("pretrain", "random", "pretrained"):
         raise ConfigError(
             f"model.init must be 'pretrain', 'random' or 'pretrained', got {cfg.model.init!r}"

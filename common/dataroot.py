@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,3 +31,20 @@ def prepare_data_root(cfg: RunConfig) -> DataRoot:
             dict(zip(cfg.silos, dirs, strict=True)), layout.test_dir, layout.pretrain_dir
         )
     return DataRoot({s: root / s for s in cfg.silos}, root / "test", None)
+
+
+def with_evaluation_resolved(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``evaluation.where`` decided: as configured, else the coordinator when
+    it has a test split (always with embedded data; ``data.root/test`` with folders), else the
+    silos. ConfigError when "coordinator" or "both" is asked without a test split."""
+    from lssfl.common.config import ConfigError
+
+    has_test = cfg.data.kind == "embedded" or (Path(cfg.data.root) / "test").is_dir()
+    where = cfg.evaluation.where or ("coordinator" if has_test else "silos")
+    if where != "silos" and not has_test:
+        raise ConfigError(
+            f"{cfg.source}: evaluation.where {where!r} needs the coordinator's test split at "
+            f"{Path(cfg.data.root) / 'test'}; without one use evaluation.where: silos"
+        )
+    evaluation = dataclasses.replace(cfg.evaluation, where=where)
+    return dataclasses.replace(cfg, evaluation=evaluation)

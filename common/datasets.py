@@ -38,15 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lssfl.common.splits import DataError
+from lssfl.common.splits import IMAGENET_MEAN, IMAGENET_STD, DataError
 
 # A published dataset's own train or test part (not a split folder, lssfl.common.splits.Split).
 DatasetPart = Literal["train", "test"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-# Per-channel statistics the torchvision ImageNet weights were trained with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601-2 luma, the weights PIL uses for "L", so RGB->gray matches a PIL conversion.
 _LUMA = (0.299, 0.587, 0.114)
 # Converting in chunks bounds the float32 copy that exists next to the uint8 source.

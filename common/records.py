@@ -39,6 +39,8 @@ def _check(d: Any, cls: type, where: str) -> dict[str, Any]:
     for f in dataclasses.fields(cls):
         if f.name == "train_metrics":
             continue
+        if f.name not in d and _has_default(f):
+            continue
         if f.name not in d:
             raise RecordError(f"{where}missing key '{f.name}' (written by another lssfl version?)")
         v, kind = d[f.name], str(f.type)
@@ -58,6 +60,10 @@ def _check(d: Any, cls: type, where: str) -> dict[str, Any]:
             noun = {"int": "an integer", "float": "a number", "str": "a string"}.get(kind, "a list")
             raise RecordError(f"{where}'{f.name}' must be {noun}, got {v!r:.60}")
     return d
+
+
+def _has_default(f: dataclasses.Field[Any]) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
 @dataclass
@@ -96,14 +102,45 @@ class SiloRound:
 
 
 @dataclass
+class SiloEvaluation:
+    """One silo's measure of a global model on its own held-out data."""
+
+    silo_id: str
+    accuracy: float
+    loss: float
+    num_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SiloEvaluation:
+        """Read back what ``to_dict`` wrote; RecordError names a missing or mistyped key."""
+        d = _check(d, cls, "evaluation: ")
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+def weighted_mean(evaluations: list[SiloEvaluation]) -> tuple[float, float]:
+    """(accuracy, loss) averaged over ``evaluations`` weighted by their sample counts."""
+    total = sum(e.num_samples for e in evaluations)
+    acc = sum(e.accuracy * e.num_samples for e in evaluations) / total
+    loss = sum(e.loss * e.num_samples for e in evaluations) / total
+    return acc, loss
+
+
+@dataclass
 class RoundRecord:
     """One committed round; round 0 is the initial model (status "initial", no silos trained)."""
 
     round: int
     algorithm: str  # the trainer's name
     status: str  # "initial", "ok" (aggregated), "insufficient" (too few results)
-    global_accuracy: float  # the global model on the held-out test split
-    global_loss: float
+    # The global model after this round: on the coordinator's test split, or (evaluation at
+    # the silos) the sample-weighted mean of the silos' figures. None: not measured yet (the
+    # silos measure round r's model when they download it in round r + 1).
+    global_accuracy: float | None
+    global_loss: float | None
     bytes_down: int  # sums over silos, as in SiloRound
     bytes_down_raw: int
     bytes_down_payload: int
@@ -120,17 +157,39 @@ class RoundRecord:
     missing: list[str]  # selected but not answered in time
     late_refused: int  # answers refused because their round had closed
     silos: list[SiloRound]
+    # Who measured global_accuracy: "coordinator", "silos" or "both" (then global_accuracy
+    # is the coordinator's and silo_accuracy the silos' mean). Older run folders lack these.
+    evaluation: str = "coordinator"
+    silo_accuracy: float | None = None  # sample-weighted mean over `evaluations`
+    silo_loss: float | None = None
+    evaluations: list[SiloEvaluation] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` object."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return d | {"silos": [s.to_dict() for s in self.silos]}
+        return d | {
+            "silos": [s.to_dict() for s in self.silos],
+            "evaluations": [e.to_dict() for e in self.evaluations],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
-        """Read back what ``to_dict`` wrote; RecordError names a missing or mistyped key."""
+        """Read back what ``to_dict`` wrote; RecordError names a missing or mistyped key
+        (fields added since, which have defaults, may be absent)."""
         d = _check(d, cls, "")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(
-            **{k: d[k] for k in fields} | {"silos": [SiloRound.from_dict(s) for s in d["silos"]]}
+            **{k: d[k] for k in fields if k in d}
+            | {
+                "silos": [SiloRound.from_dict(s) for s in d["silos"]],
+                "evaluations": [SiloEvaluation.from_dict(e) for e in d.get("evaluations", [])],
+            }
         )
+
+    def add_evaluations(self, evaluations: list[SiloEvaluation]) -> None:
+        """Record the silos' measures of this round's model (their weighted mean becomes
+        ``global_accuracy`` unless the coordinator measured it too)."""
+        self.evaluations = sorted(evaluations, key=lambda e: e.silo_id)
+        self.silo_accuracy, self.silo_loss = weighted_mean(self.evaluations)
+        if self.evaluation == "silos":
+            self.global_accuracy, self.global_loss = self.silo_accuracy, self.silo_loss

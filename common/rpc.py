@@ -67,6 +67,9 @@ def add_coordinator_servicer(servicer: cgrpc.CoordinatorServicer, server: grpc.S
         "Join": unary(servicer.Join, cpb.JoinRequest, cpb.JoinReply),
         "GetTask": unary(servicer.GetTask, cpb.TaskRequest, cpb.Task),
         "Heartbeat": unary(servicer.Heartbeat, cpb.HeartbeatRequest, cpb.HeartbeatReply),
+        "ReportEvaluation": unary(
+            servicer.ReportEvaluation, cpb.EvaluationReport, cpb.EvaluationReply
+        ),
         "DownloadModel": grpc.unary_stream_rpc_method_handler(
             servicer.DownloadModel,
             request_deserializer=cpb.DownloadRequest.FromString,

@@ -2,7 +2,8 @@
 
 One split folder ``DIR``:
 
-* ``DIR/data.safetensors``: tensors ``x`` (float32, N x C x H x W) and ``y`` (int64, N);
+* ``DIR/data.safetensors``: tensors ``x`` (float32, N x C x H x W; or uint8 pixels, a quarter
+  of the size, which a silo reads per batch: ``lssfl.common.silodata``) and ``y`` (int64, N);
   the multi-domain test split also carries ``domain`` (int64, N), the per-sample domain index.
 * ``DIR/meta.json``: a JSON object, e.g. ``{"domain": "inverted", "num_classes": 10,
   "class_counts": [...]}``. ``num_classes`` bounds the labels (10 when absent).
@@ -30,6 +31,9 @@ from lssfl.common.files import atomic_save_tensors, atomic_write
 DATA_FILE = "data.safetensors"
 META_FILE = "meta.json"
 NUM_CLASSES = 10
+# Per-channel statistics the torchvision ImageNet weights were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 SILO_DIR_RE = re.compile(r"^silo-(\d+)$")
 
 
@@ -74,8 +78,8 @@ def _check_tensors(
     where: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, domain: torch.Tensor | None
 ) -> None:
     """Raise DataError if ``x``/``y``/``domain`` are not a usable split."""
-    if x.dtype != torch.float32:
-        raise DataError(f"{where}: x has dtype {x.dtype}, expected torch.float32")
+    if x.dtype not in (torch.float32, torch.uint8):
+        raise DataError(f"{where}: x has dtype {x.dtype}, expected torch.float32 or torch.uint8")
     if y.dtype != torch.int64:
         raise DataError(f"{where}: y has dtype {y.dtype}, expected torch.int64")
     if x.dim() != 4:
@@ -86,7 +90,7 @@ def _check_tensors(
         raise DataError(f"{where}: len(x)={x.shape[0]} != len(y)={y.shape[0]}")
     if y.shape[0] == 0:
         raise DataError(f"{where}: empty split (0 samples)")
-    if not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise DataError(f"{where}: x has {bad} non-finite values (NaN/inf)")
     lo, hi = int(y.min()), int(y.max())
@@ -178,18 +182,30 @@ def load_split(directory: str | os.PathLike[str]) -> Split:
             raise DataError(f"{data_path}: missing tensor {key!r} (has: {have})")
     x, y, domain = tensors["x"], tensors["y"], tensors.get("domain")
     _check_tensors(str(data_path), x, y, num_classes, domain)
+    if x.dtype == torch.uint8:  # whole, for the coordinator's test split; silos read per batch
+        x = pixels_to_float(x, meta.get("normalize"))
     return Split(x=x, y=y, meta=meta, domain=domain)
+
+
+def pixels_to_float(x: torch.Tensor, normalize: str | None) -> torch.Tensor:
+    """uint8 pixels as float32 in [0, 1], normalised with the ImageNet mean/std if asked."""
+    out = x.float().div_(255.0)
+    if normalize == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        out = out.sub_(mean).div_(std)
+    return out
+
+
+def remove_own_split(folder: Path) -> None:
+    """Delete ``folder`` if it is a split folder holding nothing but what we write."""
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {DATA_FILE, META_FILE}:
+        shutil.rmtree(folder)
 
 
 def remove_stale_silos(root: Path, num_silos: int) -> None:
     """Drop silo folders left by an earlier, larger layout, but only ones that we wrote."""
-    ours = {DATA_FILE, META_FILE}
     for child in root.iterdir():
         m = SILO_DIR_RE.match(child.name)
-        if (
-            m
-            and int(m.group(1)) > num_silos
-            and child.is_dir()
-            and {p.name for p in child.iterdir()} <= ours
-        ):
-            shutil.rmtree(child)
+        if m and int(m.group(1)) > num_silos:
+            remove_own_split(child)

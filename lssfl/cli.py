@@ -69,7 +69,37 @@ def _parser() -> argparse.ArgumentParser:
     silo = add("silo", "Join a coordinator and train on this silo's private data.")
     silo.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
     silo.add_argument("--silo-id", required=True, help="this silo's enrolled id")
-    silo.add_argument("--data", required=True, type=Path, help="folder with data.safetensors")
+    silo.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="a split folder (data.safetensors: float32 in memory, uint8 read per batch) or an "
+        "image folder DIR/<class>/*.png|jpg (or DIR/train/ and DIR/test/), decoded per batch",
+    )
+    silo.add_argument(
+        "--classes",
+        type=Path,
+        help="image folder: the class list, one name per line, the same file on every silo "
+        "(default: DATA/classes.txt)",
+    )
+    silo.add_argument(
+        "--resize",
+        type=int,
+        default=256,
+        help="image folder: shorter side to (default 256; 0: keep)",
+    )
+    silo.add_argument(
+        "--crop", type=int, default=224, help="image folder: center crop (default 224; 0: none)"
+    )
+    silo.add_argument(
+        "--normalize",
+        choices=("imagenet", "none"),
+        default="imagenet",
+        help="image folder: normalise with the ImageNet mean/std (default) or not",
+    )
+    silo.add_argument(
+        "--workers", type=int, default=4, help="image folder: decoding threads (default 4)"
+    )
     silo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     silo.add_argument("--ca", type=Path, help="CA certificate: connect with TLS")
     silo.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
@@ -156,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "silo":
+            from lssfl.common.silodata import ImageTransform
             from lssfl.silo.daemon import CoordinatorUnreachable, SiloDaemon, SiloRefused
 
             setup_logging("silo", args.verbose)  # each line names the silo: silo=ID
@@ -170,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                     cert=args.cert,
                     key=args.key,
                     token_file=args.token_file,
+                    classes=args.classes,
+                    transform=ImageTransform(
+                        args.resize or None,
+                        args.crop or None,
+                        None if args.normalize == "none" else args.normalize,
+                    ),
+                    workers=args.workers,
                     allowed_plugins=args.allow_plugin,
                 )
                 daemon.run()

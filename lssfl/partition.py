@@ -81,9 +81,9 @@ def holdout_split(
 
 
 def check_test_fraction(fraction: float) -> None:
-    """ValueError unless ``fraction`` is in (0, 1)."""
-    if not (isinstance(fraction, int | float) and 0.0 < fraction < 1.0):
-        raise ValueError(f"--test-fraction must be in (0, 1), got {fraction!r}")
+    """ValueError unless ``fraction`` is in [0, 1) (0: no test split)."""
+    if not (isinstance(fraction, int | float) and 0.0 <= fraction < 1.0):
+        raise ValueError(f"--test-fraction must be in [0, 1), got {fraction!r}")
 
 
 # --------------------------------------------------------------------------- output
@@ -175,12 +175,17 @@ def partition_dataset(
     channels: int | None = None,
     download: bool = False,
     normalize: str | None = None,
+    uint8: bool = False,
 ) -> dict[str, Any]:
-    """Write ``out/silo-1..N``, ``out/test`` and ``out/partition.json``; return the summary."""
+    """Write ``out/silo-1..N``, ``out/test`` and ``out/partition.json``; return the summary.
+
+    ``test_fraction=0`` on a dataset without its own test split writes no ``test`` (the
+    silos evaluate: one hospital's images, all in ``silo-1``). ``uint8`` stores the pixels as
+    uint8, a quarter of the size, which silos read per batch (normalised as they are read)."""
     import torch
 
     from lssfl.common.datasets import canonical_name, has_test_split, load_dataset
-    from lssfl.common.splits import save_split
+    from lssfl.common.splits import remove_own_split, save_split
 
     if scheme not in SCHEMES:
         raise ValueError(f"--scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
@@ -194,16 +199,23 @@ def partition_dataset(
     root, out = Path(root).expanduser(), Path(out).expanduser()
     folder_dataset = name in ("imagefolder", "domainfolder")
 
+    # uint8 keeps the pixels: the normalisation is recorded and applied when they are read.
     load: dict[str, Any] = dict(
-        image_size=image_size, channels=channels, download=download, normalize=normalize
+        image_size=image_size,
+        channels=channels,
+        download=download,
+        normalize=None if uint8 else normalize,
     )
     data = load_dataset(name, root, "train", **load)
     if scheme == "domain" and data.domains is not None:
         domain_split(data.domains.numpy(), data.domain_names, silos)  # fail before any I/O
     official_test = has_test_split(name, root)
     held_out: list[int] | None = None  # train-split indices of a held-out test split
+    test: LabelledData | None = None
     if official_test:
         test = load_dataset(name, root, "test", **load)
+        train_idx = np.arange(data.num_samples, dtype=np.int64)
+    elif test_fraction == 0:
         train_idx = np.arange(data.num_samples, dtype=np.int64)
     else:
         groups = data.y.numpy()
@@ -214,7 +226,7 @@ def partition_dataset(
             raise ValueError(f"--test-fraction {test_fraction} holds out no samples")
         test = _subset(data, test_idx)
         held_out = test_idx.tolist()
-    if len(test.classes) != data.num_classes:
+    if test is not None and len(test.classes) != data.num_classes:
         raise ValueError(
             f"{root}: the test split has {len(test.classes)} classes, train has "
             f"{data.num_classes}; they must share one label space"
@@ -222,7 +234,9 @@ def partition_dataset(
 
     parts = _silo_parts(data, train_idx, scheme, silos, alpha, seed)
     _prepare_out(out, root, silos, folder_dataset)
-    common = {"dataset": name, "seed": seed, "num_classes": data.num_classes}
+    common: dict[str, Any] = {"dataset": name, "seed": seed, "num_classes": data.num_classes}
+    if uint8 and normalize:
+        common["normalize"] = normalize
     common["classes"] = list(data.classes)
     records = []
     for k, idx in enumerate(parts):
@@ -240,19 +254,13 @@ def partition_dataset(
         if domain in data.domain_names:
             meta["domain_index"] = data.domain_names.index(domain)
         t = torch.from_numpy(idx)
-        save_split(out / silo, data.x[t], data.y[t], meta)
+        save_split(out / silo, _pixels(data.x[t], uint8), data.y[t], meta)
         records.append(_split_record(silo, domain, data.y.numpy()[idx], data.num_classes))
 
-    test_meta = {**common, "split": "test", "source": "official" if official_test else "held-out"}
-    test_meta["domain"] = "all" if test.domain_names else name
-    if test.domain_names:
-        test_meta["domains"] = list(test.domain_names)
-    if held_out is not None:
-        test_meta["indices"] = held_out
-    save_split(out / "test", test.x, test.y, test_meta, domain=test.domains)
-    records.append(
-        _split_record("test", str(test_meta["domain"]), test.y.numpy(), data.num_classes)
-    )
+    if test is not None:
+        records.append(_write_test(out, test, common, official_test, held_out, uint8))
+    else:
+        remove_own_split(out / "test")  # an earlier partition's test split would mislead
 
     summary = {
         "dataset": name,
@@ -261,8 +269,9 @@ def partition_dataset(
         "alpha": alpha if scheme == "dirichlet" else None,
         "seed": seed,
         "silos": silos,
-        "test_source": test_meta["source"],
+        "test_source": "none" if test is None else ("official" if official_test else "held-out"),
         "test_fraction": None if official_test else test_fraction,
+        "pixels": "uint8" if uint8 else "float32",
         "image_size": image_size,
         "channels": int(data.x.shape[1]),
         "shape": list(data.x.shape[1:]),
@@ -273,6 +282,36 @@ def partition_dataset(
     }
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _pixels(x: Any, uint8: bool) -> Any:
+    """``x`` (float in [0, 1]) as stored: float32, or uint8 pixels."""
+    import torch
+
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8) if uint8 else x
+
+
+def _write_test(
+    out: Path,
+    test: LabelledData,
+    common: dict[str, Any],
+    official: bool,
+    held_out: list[int] | None,
+    uint8: bool,
+) -> dict[str, Any]:
+    """Write ``out/test``; its row of the summary."""
+    from lssfl.common.splits import save_split
+
+    test_meta = {**common, "split": "test", "source": "official" if official else "held-out"}
+    test_meta["domain"] = "all" if test.domain_names else common["dataset"]
+    if test.domain_names:
+        test_meta["domains"] = list(test.domain_names)
+    if held_out is not None:
+        test_meta["indices"] = held_out
+    save_split(out / "test", _pixels(test.x, uint8), test.y, test_meta, domain=test.domains)
+    return _split_record(
+        "test", str(test_meta["domain"]), test.y.numpy(), int(common["num_classes"])
+    )
 
 
 def _silo_domain(data: LabelledData, idx: np.ndarray, dataset: str) -> str:
@@ -330,7 +369,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--test-fraction",
         type=float,
         default=0.2,
-        help="held out as test/ when the dataset has no test split (default 0.2)",
+        help="held out as test/ when the dataset has no test split (default 0.2; 0: no test/, "
+        "e.g. one hospital's own images with --silos 1, evaluated at the silos)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-size", type=_positive_int, help="resize to SxS (default: native)")
@@ -344,6 +384,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--normalize",
         choices=("imagenet",),
         help="store pixels normalised by the ImageNet mean/std (for pretrained ResNets)",
+    )
+    p.add_argument(
+        "--uint8",
+        action="store_true",
+        help="store pixels as uint8 (a quarter of float32); silos read them per batch",
     )
     p.add_argument(
         "--download", action="store_true", help="let torchvision download it (needs internet)"
@@ -373,6 +418,7 @@ def run(args: argparse.Namespace) -> int:
         channels=args.channels,
         download=args.download,
         normalize=args.normalize,
+        uint8=args.uint8,
     )
     print(format_summary(summary))
     print(f"wrote {len(summary['splits'])} splits and {SUMMARY_FILE} to {args.out}")

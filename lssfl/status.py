@@ -50,7 +50,11 @@ def describe(run_dir: Path, now: float | None = None) -> str:
         "committed: "
         + (
             f"rounds 0-{last['round']}, last {last['status']}, accuracy "
-            f"{last['global_accuracy']:.4f}"
+            + (
+                "pending (silos measure it next round)"
+                if last["global_accuracy"] is None
+                else f"{last['global_accuracy']:.4f}"
+            )
             if last
             else "nothing yet"
         ),

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from lssfl.common.config import RunConfig
-from lssfl.common.dataroot import prepare_data_root
+from lssfl.common.config import ConfigError, RunConfig
+from lssfl.common.dataroot import prepare_data_root, with_evaluation_resolved
 from lssfl.common.files import atomic_write
 from lssfl.common.logs import also_log_to
 from lssfl.common.models import build_model, evaluate
@@ -31,6 +32,11 @@ log = logging.getLogger("lssfl.coordinator")
 
 def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> int:
     """Serve one run to the end. Returns the process exit code."""
+    try:
+        cfg = with_evaluation_resolved(cfg)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         store = RoundStore(run_dir)
     except StoreError as exc:
@@ -65,19 +71,12 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
     # Only now: a folder refused above is left exactly as it was.
     also_log_to(run_dir / "logs" / "coordinator.log")
     data = prepare_data_root(cfg)
-    test = load_split(data.test_dir)
-    model = build_model(cfg.model_spec)
-
-    def evaluate_state(state: dict[str, torch.Tensor]) -> tuple[float, float]:
-        model.load_state_dict(state)
-        return evaluate(model, test.x, test.y)
-
     board = TensorBoardLog(run_dir) if cfg.run.tensorboard else None
     coordinator = Coordinator(
         cfg,
         store,
         initial_state(cfg, data.pretrain_dir),
-        evaluate_state,
+        None if cfg.evaluation.where == "silos" else _test_evaluator(cfg, data.test_dir),
         run_id=store.get("run_id"),
         on_round=board.add if board else None,
     )
@@ -120,10 +119,29 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
     return 0
 
 
+def _test_evaluator(
+    cfg: RunConfig, test_dir: Path
+) -> Callable[[dict[str, torch.Tensor]], tuple[float, float]]:
+    """Accuracy and loss of a global model on the coordinator's test split."""
+    test = load_split(test_dir)
+    model = build_model(cfg.model_spec)
+
+    def evaluate_state(state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        model.load_state_dict(state)
+        return evaluate(model, test.x, test.y)
+
+    return evaluate_state
+
+
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
-    """What a run's results depend on. Rounds, deadlines, ports and such may change on resume."""
+    """What a run's results depend on. Rounds, deadlines, ports and such may change on resume.
+    Evaluation at the silos keeps data out of training, so it is part of it (only then: run
+    folders from before the setting existed stay resumable)."""
     d = effective_config(cfg)
-    return {k: d[k] for k in ("silos", "data", "model", "trainer")} | {"seed": cfg.run.seed}
+    identity = {k: d[k] for k in ("silos", "data", "model", "trainer")} | {"seed": cfg.run.seed}
+    if cfg.evaluation.where in ("silos", "both"):
+        identity["evaluation"] = d["evaluation"]
+    return identity
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

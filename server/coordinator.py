@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -28,7 +29,7 @@ from safetensors.torch import load_file
 from lssfl.common.codecs import parse_codec
 from lssfl.common.config import RunConfig
 from lssfl.common.faults import crash_point
-from lssfl.common.records import RoundRecord, SiloRound
+from lssfl.common.records import RecordError, RoundRecord, SiloEvaluation, SiloRound
 from lssfl.common.seeding import derive_seed
 from lssfl.common.wire import (
     FP32,
@@ -50,6 +51,8 @@ from lssfl.server.store import HEARTBEAT_RECORD_S, RoundStore
 log = logging.getLogger("lssfl.coordinator")
 
 Evaluate = Callable[[dict[str, torch.Tensor]], tuple[float, float]]
+# The final model's evaluation at the silos is always sent as exact fp32 (not delta, not
+# lossy): it is the model final_model.safetensors holds.
 
 
 class RpcError(Exception):
@@ -83,6 +86,8 @@ class SiloResult:
     metrics: dict[str, float]
     bytes_up: tuple[int, int, int]  # the upload's serialized, raw fp32 and payload bytes
     path: Path = Path()
+    # The silo's measure of the model it received this round (the previous round's).
+    evaluation: SiloEvaluation | None = None
 
     def meta(self, run_id: str, round_num: int) -> dict[str, str]:
         """What the upload's file keeps of this result beside the tensors."""
@@ -94,6 +99,7 @@ class SiloResult:
             "train_seconds": repr(self.train_seconds),
             "metrics": json.dumps(self.metrics),
             "bytes_up": json.dumps(list(self.bytes_up)),
+            "evaluation": json.dumps(self.evaluation.to_dict() if self.evaluation else None),
         }
 
     @classmethod
@@ -102,6 +108,7 @@ class SiloResult:
         try:
             metrics = json.loads(meta["metrics"])
             bytes_up = json.loads(meta["bytes_up"])
+            evaluation = json.loads(meta.get("evaluation", "null"))
             return cls(
                 meta["silo"],
                 int(meta["num_samples"]),
@@ -109,8 +116,9 @@ class SiloResult:
                 {str(k): float(v) for k, v in metrics.items()},
                 (int(bytes_up[0]), int(bytes_up[1]), int(bytes_up[2])),
                 path,
+                None if evaluation is None else SiloEvaluation.from_dict(evaluation),
             )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecordError) as exc:
             raise ValueError(f"{path.name}: unreadable metadata ({exc})") from None
 
     def load(self) -> dict[str, torch.Tensor]:
@@ -153,12 +161,14 @@ class Coordinator:
         cfg: RunConfig,
         store: RoundStore,
         initial_state: dict[str, torch.Tensor],
-        evaluate: Evaluate,
+        evaluate: Evaluate | None,
         run_id: str | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
     ) -> None:
-        """``on_round``: called with each round's record once it is committed (TensorBoard);
-        an exception it raises is logged, not raised."""
+        """``evaluate``: the global model on the coordinator's test split; None when only the
+        silos evaluate (``cfg.evaluation.where``, resolved: never None here). ``on_round``:
+        called with each round's record once it is committed (TensorBoard); an exception it
+        raises is logged, not raised."""
         self.cfg = cfg
         self.on_round = on_round
         self.store = store
@@ -187,6 +197,14 @@ class Coordinator:
         # Every task carries these; serialized once, not on each long poll.
         self._model_json = json.dumps(cfg.model_spec, sort_keys=True)
         self._trainer_json = json.dumps(cfg.trainer, sort_keys=True)
+        self.where = cfg.evaluation.where or "coordinator"
+        self._silo_eval = self.where in ("silos", "both")
+        self._evaluation_json = (
+            json.dumps({"holdout": cfg.evaluation.holdout, "seed": cfg.run.seed})
+            if self._silo_eval
+            else ""
+        )
+        self._evaluations: dict[str, SiloEvaluation] = {}  # the EVALUATE phase's reports
         self._refusals: Counter[str] = Counter()
         self._progress_lock = threading.Lock()
 
@@ -271,11 +289,25 @@ class Coordinator:
                 trainer_json=self._trainer_json,
                 deadline_unix_s=time.time() + (self._deadline - time.monotonic()),
                 uplink_codec=self.codec_up.name,
+                evaluation_json=self._evaluation_json,
+            )
+        if (
+            self._phase == "evaluate"
+            and silo_id in self._selected
+            and silo_id not in self._evaluations
+        ):
+            return cpb.Task(
+                kind=cpb.Task.EVALUATE,
+                run_id=self.run_id,
+                round=self._round,
+                model_json=self._model_json,
+                deadline_unix_s=time.time() + (self._deadline - time.monotonic()),
+                evaluation_json=self._evaluation_json,
             )
         return None
 
     def get_task(self, req: cpb.TaskRequest, wait_s: float = 5.0) -> cpb.Task:
-        """The silo's next task: TRAIN, DONE, or WAIT after ``wait_s`` (long poll)."""
+        """The silo's next task: TRAIN, EVALUATE, DONE, or WAIT after ``wait_s`` (long poll)."""
         end = time.monotonic() + wait_s
         with self._cond:
             self._touch(req.silo_id)
@@ -294,7 +326,7 @@ class Coordinator:
         with self._cond:
             info = self._touch(req.silo_id)
             self._check_run(req.run_id)
-            if self._phase != "train" or req.round != self._round:
+            if self._phase not in ("train", "evaluate") or req.round != self._round:
                 raise RpcError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"round {req.round} is not open for download (current round {self._round})",
@@ -356,6 +388,11 @@ class Coordinator:
             self._validate(decoded.state, silo, round_num)
             if head.num_samples <= 0:
                 raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "num_samples must be positive")
+            evaluation = (
+                self._check_evaluation(silo, round_num, head.evaluation)
+                if self._silo_eval and head.HasField("evaluation")
+                else None
+            )
             up = self.meter.get(round_num, silo, UP)
             result = SiloResult(
                 silo,
@@ -363,6 +400,7 @@ class Coordinator:
                 head.train_seconds,
                 dict(head.metrics),
                 (up.bytes, up.raw, up.payload),
+                evaluation=evaluation,
             )
             # On disk before it counts: the round aggregates from there, and a restarted
             # coordinator finds it instead of asking the silo to train again.
@@ -415,6 +453,56 @@ class Coordinator:
         if problem:
             log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, problem)
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    def _check_evaluation(self, silo: str, round_num: int, ev: pb.Evaluation) -> SiloEvaluation:
+        """A silo's evaluation, bounded: finite loss >= 0, accuracy in [0, 1], at least one
+        and at most as many samples as the silo declared when it joined."""
+        with self._cond:
+            declared = self._silos[silo].num_samples
+        problem = None
+        if not (math.isfinite(ev.loss) and ev.loss >= 0):
+            problem = f"evaluation loss must be a finite number >= 0, got {ev.loss!r}"
+        elif not 0.0 <= ev.accuracy <= 1.0:  # False for NaN too
+            problem = f"evaluation accuracy must be in [0, 1], got {ev.accuracy!r}"
+        elif not 1 <= ev.num_samples <= declared:
+            problem = (
+                f"evaluation num_samples must be in [1, {declared}] (declared at join), "
+                f"got {ev.num_samples}"
+            )
+        if problem:
+            log.warning("round=%d silo=%s rejected evaluation: %s", round_num, silo, problem)
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return SiloEvaluation(silo, ev.accuracy, ev.loss, int(ev.num_samples))
+
+    def report_evaluation(self, req: cpb.EvaluationReport) -> cpb.EvaluationReply:
+        """A silo's measure of the final model, answering its EVALUATE task."""
+        with self._cond:
+            self._touch(req.silo_id)
+            self._check_run(req.run_id)
+            if (
+                self._phase != "evaluate"
+                or req.round != self._round
+                or req.silo_id not in self._selected
+            ):
+                raise RpcError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"no evaluation of round {req.round} is open (current round {self._round}, "
+                    f"{self._phase})",
+                )
+        evaluation = self._check_evaluation(req.silo_id, req.round, req.evaluation)
+        reply = cpb.EvaluationReply(accepted=True, message="ok")
+        with self._cond:
+            if self._phase == "evaluate" and req.round == self._round:
+                self._evaluations.setdefault(req.silo_id, evaluation)
+                self._cond.notify_all()
+        log.info(
+            "round=%d silo=%s evaluated the final model: accuracy=%.4f on %d samples",
+            req.round,
+            req.silo_id,
+            evaluation.accuracy,
+            evaluation.num_samples,
+        )
+        return reply
 
     def heartbeat(self, req: cpb.HeartbeatRequest) -> cpb.HeartbeatReply:
         """Note the silo alive (and its state); returns the current round."""
@@ -508,7 +596,7 @@ class Coordinator:
         if last is None:
             first = 1
             self.wait_for_silos()
-            acc, loss = self.evaluate(self.global_state)
+            acc, loss = self._evaluate_here()
             self._record(0, "initial", acc, loss, time.monotonic() - t0, [], [])
         else:
             done, state = last
@@ -571,11 +659,14 @@ class Coordinator:
             first_k = list(self._results.values())[: self._wanted()]
             results = sorted(first_k, key=lambda r: r.silo_id)
             arrived = set(self._results)
+            # Every silo that answered measured the model it received, aggregated or not.
+            evaluations = [r.evaluation for r in self._results.values() if r.evaluation]
         if self._stopping.is_set():
             raise KeyboardInterrupt
         missing = sorted(set(selected) - arrived)
         if missing:
             log.warning("round=%d closed without %s", round_num, ", ".join(missing))
+        self._record_evaluations(evaluations)
         self.store.set_phase(round_num, "aggregate")
         crash_point(f"aggregate:{round_num}")
         if len(results) >= self.cfg.coordinator.min_silos:
@@ -591,10 +682,80 @@ class Coordinator:
                 self.cfg.coordinator.min_silos,
             )
             status = "insufficient"
-        acc, loss = self.evaluate(self.global_state)
-        self._record(round_num, status, acc, loss, time.monotonic() - t0, results, missing)
+        acc, loss = self._evaluate_here()
+        final = (
+            self._evaluate_at_silos(round_num)
+            if self._silo_eval and round_num == self.cfg.run.rounds
+            else []
+        )
+        self._record(round_num, status, acc, loss, time.monotonic() - t0, results, missing, final)
         if not self.cfg.coordinator.save_uploads:
             self.store.drop_uploads(round_num)
+
+    def _tell(self, record: RoundRecord) -> None:
+        """Pass a committed (or newly measured) round to ``on_round``."""
+        if self.on_round is not None:
+            try:
+                self.on_round(record)
+            except Exception as exc:  # monitoring (a full disk ...) never stops the run
+                log.warning("round=%d not written to TensorBoard: %s", record.round, exc)
+
+    def _evaluate_here(self) -> tuple[float | None, float | None]:
+        """The coordinator's own measure of the global model, when it has a test split."""
+        if self.evaluate is None:
+            return None, None
+        return self.evaluate(self.global_state)
+
+    def _record_evaluations(self, evaluations: list[SiloEvaluation]) -> None:
+        """Attribute the silos' measures taken at this round's download to the round whose
+        model they received (the last committed one), unless it has some already (a run
+        resumed with more rounds evaluated its last model at the silos)."""
+        previous = self._last_record
+        if not evaluations or previous is None or previous.evaluations:
+            return
+        previous.add_evaluations(evaluations)
+        self.store.update_record(previous)
+        self._tell(previous)
+        log.info(
+            "round=%d silos measured accuracy=%.4f loss=%.4f on %d samples",
+            previous.round,
+            previous.silo_accuracy,
+            previous.silo_loss,
+            sum(e.num_samples for e in evaluations),
+        )
+
+    def _evaluate_at_silos(self, round_num: int) -> list[SiloEvaluation]:
+        """After the last round: every live silo downloads the final model and reports its
+        measure (EVALUATE tasks), until all have or the round deadline passes."""
+        header = pb.ModelChunk(download=pb.DownloadHeader(run_id=self.run_id, round=round_num))
+        download = _Download(_metered(pack_state(self.global_state), header))
+        with self._cond:
+            self._phase = "evaluate"
+            self._download = download
+            self._selected = set(self._alive(time.monotonic()))
+            self._evaluations = {}
+            self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
+            self._cond.notify_all()
+        self.store.set_phase(round_num, "evaluate")
+        log.info(
+            "round=%d final model open for evaluation by %s",
+            round_num,
+            ", ".join(sorted(self._selected)) or "no live silo",
+        )
+        with self._cond:
+            while not self._stopping.is_set() and len(self._evaluations) < len(self._selected):
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+            self._phase = "aggregate"
+            evaluations = list(self._evaluations.values())
+            absent = sorted(self._selected - set(self._evaluations))
+        if self._stopping.is_set():
+            raise KeyboardInterrupt
+        if absent:
+            log.warning("round=%d no evaluation from %s", round_num, ", ".join(absent))
+        return evaluations
 
     def _kept_results(self, round_num: int) -> dict[str, SiloResult]:
         """Uploads accepted for ``round_num`` before a restart and still valid: a silo
@@ -618,11 +779,12 @@ class Coordinator:
         self,
         round_num: int,
         status: str,
-        acc: float,
-        loss: float,
+        acc: float | None,
+        loss: float | None,
         seconds: float,
         results: list[SiloResult],
         missing: list[str],
+        evaluations: list[SiloEvaluation] | None = None,
     ) -> None:
         by_silo = {r.silo_id: r for r in results}
         silos = []
@@ -672,23 +834,22 @@ class Coordinator:
             missing=missing,
             late_refused=self._late.get(round_num, 0),
             silos=silos,
+            evaluation=self.where,
         )
+        if evaluations:
+            record.add_evaluations(evaluations)
         self._last_record = record
         # With a delta downlink the next round is encoded against what silos hold now: stored
         # with the round, so a resumed run sends the same bytes as an uninterrupted one.
         held = self._broadcast if self.cfg.compression.delta_downlink else None
         self.store.commit_round(self.global_state, record, held)
-        if self.on_round is not None:
-            try:
-                self.on_round(record)
-            except Exception as exc:  # monitoring (a full disk ...) never stops the run
-                log.warning("round=%d not written to TensorBoard: %s", round_num, exc)
+        self._tell(record)
         log.info(
-            "round=%d %s accuracy=%.4f loss=%.4f down=%.2fMB up=%.2fMB %.1fs",
+            "round=%d %s accuracy=%s loss=%s down=%.2fMB up=%.2fMB %.1fs",
             round_num,
             status,
-            acc,
-            loss,
+            _figure(record.global_accuracy),
+            _figure(record.global_loss),
             bytes_down / 1e6,
             bytes_up / 1e6,
             seconds,
@@ -705,3 +866,8 @@ class Coordinator:
                 if not pending:
                     break
                 self._cond.wait(0.2)
+
+
+def _figure(value: float | None) -> str:
+    """A logged accuracy or loss; "pending" while the silos have yet to measure it."""
+    return "pending" if value is None else f"{value:.4f}"

@@ -295,6 +295,15 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         self.meter.call(reply.current_round, request.silo_id, request, reply)
         return reply
 
+    def ReportEvaluation(
+        self, request: cpb.EvaluationReport, context: grpc.ServicerContext
+    ) -> cpb.EvaluationReply:
+        """A silo's measure of the final model on its own held-out data."""
+        reply = self._answer(context, request.silo_id, self.c.report_evaluation, request)
+        # The coordinator accepted it for request.round, the round being evaluated.
+        self.meter.call(request.round, request.silo_id, request, reply)
+        return reply
+
 
 def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | None:
     """TLS credentials from ``security.dir``, or None when TLS is off."""

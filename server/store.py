@@ -268,6 +268,18 @@ class RoundStore:
             f.flush()
             os.fsync(f.fileno())
 
+    def update_record(self, record: RoundRecord) -> None:
+        """Replace a committed round's record (the silos' measures of its model arrive a
+        round later), then rewrite metrics.jsonl from the database."""
+        line = json.dumps(record.to_dict())
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE rounds SET record = ?, global_accuracy = ?, global_loss = ? "
+                "WHERE round = ?",
+                (line, record.global_accuracy, record.global_loss, record.round),
+            )
+        self.rewrite_metrics()
+
     def records(self) -> list[RoundRecord]:
         """The committed rounds in order; StoreError when one is not a record this version reads."""
         with self._lock:

@@ -14,20 +14,30 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
+from torch import Tensor
 
 from lssfl import __version__
 from lssfl.common.codecs import ErrorFeedback, parse_codec
 from lssfl.common.faults import crash_point
-from lssfl.common.models import build_model
+from lssfl.common.models import build_model, evaluate
 from lssfl.common.plugins import check_allowed
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import SILO_HEADER, TOKEN_HEADER, channel_credentials, read_secret
-from lssfl.common.splits import Split, load_split
+from lssfl.common.seeding import seed_of
+from lssfl.common.silodata import (
+    ImageTransform,
+    LazyImages,
+    SiloData,
+    as_tensor,
+    check_num_classes,
+    open_silo_data,
+    subset,
+)
 from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
 from lssfl.common.wire import (
     FP32,
@@ -44,6 +54,7 @@ from lssfl.training.trainers import make_trainer
 
 log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")
+Images = Tensor | LazyImages
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -87,7 +98,7 @@ class SiloDaemon:
         self,
         coordinator: str,
         silo_id: str,
-        data: Split,
+        data: SiloData,
         device: torch.device,
         max_wait_s: float = 300.0,
         credentials: grpc.ChannelCredentials | None = None,
@@ -123,8 +134,44 @@ class SiloDaemon:
         self._stop = threading.Event()
         self._held: tuple[int, dict[str, torch.Tensor]] | None = None
         self._feedback = ErrorFeedback()
-        self._x = data.x.to(device)
-        self._y = data.y.to(device)
+        on_device = data.to(device)
+        self._x, self._y = on_device.x, on_device.y
+        self._own_test = on_device.test
+        # Evaluation at the silos: (the task's evaluation_json, train x, y, held-out x, y).
+        self._eval_split: tuple[str, Images, Tensor, Images, Tensor] | None = None
+
+    def _split_for(self, evaluation_json: str) -> tuple[Images, Tensor, Images, Tensor]:
+        """(train x, y, held-out x, y) under the task's evaluation settings: the silo's own
+        test split when it has one, else a fraction of its data drawn from (run seed, silo)."""
+        if self._eval_split is not None and self._eval_split[0] == evaluation_json:
+            return self._eval_split[1:]
+        settings = _evaluation_settings(evaluation_json)
+        if self._own_test is not None:
+            test = self._own_test
+            split = (self._x, self._y, test.x, test.y)
+        else:
+            n = len(self._y)
+            generator = torch.Generator().manual_seed(
+                seed_of("holdout", settings["seed"], self.silo_id)
+            )
+            order = torch.randperm(n, generator=generator)
+            cut = min(n - 1, max(1, round(settings["holdout"] * n)))
+            held, train = order[:cut].sort().values, order[cut:].sort().values
+            split = (
+                subset(self._x, train),
+                self._y[train.to(self.device)],
+                subset(self._x, held),
+                self._y[held.to(self.device)],
+            )
+        log.info(
+            "silo=%s evaluates on %d held-out samples (%s), trains on %d",
+            self.silo_id,
+            len(split[3]),
+            "its own test split" if self._own_test is not None else "drawn from its data",
+            len(split[1]),
+        )
+        self._eval_split = (evaluation_json, *split)
+        return split
 
     @classmethod
     def from_folder(
@@ -138,10 +185,14 @@ class SiloDaemon:
         cert: Path | None = None,
         key: Path | None = None,
         token_file: Path | None = None,
+        classes: Path | None = None,
+        transform: ImageTransform | None = None,
+        workers: int = 4,
         allowed_plugins: Collection[str] = (),
     ) -> SiloDaemon:
-        """Build from paths, validating each; errors name the file at fault."""
-        data = load_split(data_dir)
+        """Build from paths, validating each; errors name the file at fault. ``classes``,
+        ``transform`` and ``workers``: for an image folder (lssfl.common.silodata)."""
+        data = open_silo_data(data_dir, classes, transform, workers)
         credentials = channel_credentials(ca, cert, key)
         token = read_secret(token_file, "token file").decode().strip() if token_file else None
         return cls(
@@ -209,11 +260,12 @@ class SiloDaemon:
         )
         self.run_id, self.heartbeat_s = reply.run_id, reply.heartbeat_interval_s or 2.0
         log.info(
-            "silo=%s joined run %s at %s (%d samples on %s)",
+            "silo=%s joined run %s at %s (%d samples, %s, on %s)",
             self.silo_id,
             self.run_id,
             self.address,
             self.data.num_samples,
+            self.data.kind,
             self.device,
         )
 
@@ -250,6 +302,8 @@ class SiloDaemon:
                         return
                     if task.kind == cpb.Task.TRAIN:
                         self.train_round(task)
+                    elif task.kind == cpb.Task.EVALUATE:
+                        self.evaluate_final(task)
                 except WireError as exc:
                     # A stream that does not decode (or a delta against a model we no longer
                     # hold): forget the held model and ask again for the whole one.
@@ -279,9 +333,11 @@ class SiloDaemon:
                 beat.join()
             self._channel.close()
 
-    def _download(self, task: cpb.Task) -> DecodedModel:
-        """This round's model; only the change when we still hold the previous round's."""
-        held_round, held = self._held if self._held else (None, None)
+    def _download(self, task: cpb.Task, keep: bool = True) -> DecodedModel:
+        """This round's model; only the change when we still hold the previous round's.
+        ``keep``: hold it as the base of the next delta (not the final model's evaluation,
+        which is sent whole and is not what a resumed run's next round is a delta to)."""
+        held_round, held = self._held if self._held and keep else (None, None)
         request = cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=task.round)
         if held_round is not None:
             request.have_round = held_round
@@ -295,8 +351,66 @@ class SiloDaemon:
         head = received.header.download
         if head.HasField("base_round") and head.base_round != held_round:
             raise WireError(f"delta against round {head.base_round}, we hold {held_round}")
-        self._held = (task.round, received.state)
+        if keep:
+            self._held = (task.round, received.state)
         return received
+
+    def _model(self, model_spec: dict[str, Any], received: DecodedModel) -> torch.nn.Module:
+        """The task's model with the received weights, checked against this silo's labels."""
+        model = build_model(model_spec)
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        check_num_classes(self.data, heads[-1].out_features if heads else None)
+        model.load_state_dict(received.state)
+        return model.to(self.device)
+
+    def _measure(self, model: torch.nn.Module, task: cpb.Task) -> pb.Evaluation:
+        """``model`` (as received) on this silo's held-out data."""
+        _, _, x, y = self._split_for(task.evaluation_json)
+        with torch.no_grad():
+            accuracy, loss = evaluate(model, as_tensor(x), y)
+        log.info(
+            "round=%d silo=%s received model: accuracy=%.4f loss=%.4f on %d held-out samples",
+            task.round,
+            self.silo_id,
+            accuracy,
+            loss,
+            len(y),
+        )
+        return pb.Evaluation(loss=loss, accuracy=accuracy, num_samples=len(y))
+
+    def evaluate_final(self, task: cpb.Task) -> None:
+        """EVALUATE: download the final model, measure it, report the figures."""
+        model_spec = json.loads(task.model_json)  # checked before downloading, as for TRAIN
+        if not isinstance(model_spec, dict):
+            raise ValueError(f"round {task.round}: the task's model spec is not a JSON object")
+        check_allowed(str(model_spec.get("name")), self.allowed_plugins, "model")
+        try:
+            received = self._download(task, keep=False)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning(
+                    "round=%d silo=%s download refused: %s", task.round, self.silo_id, exc.details()
+                )
+                return
+            raise
+        model = self._model(model_spec, received)
+        report = cpb.EvaluationReport(
+            silo_id=self.silo_id,
+            run_id=task.run_id,
+            round=task.round,
+            evaluation=self._measure(model, task),
+        )
+        try:
+            self._stub.ReportEvaluation(report, timeout=30, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() not in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                raise
+            log.warning(
+                "round=%d silo=%s evaluation refused: %s", task.round, self.silo_id, exc.details()
+            )
 
     def train_round(self, task: cpb.Task) -> None:
         """Download the round's model, train it locally, upload the result."""
@@ -328,11 +442,14 @@ class SiloDaemon:
         )
 
         self.state = "training"
-        model = build_model(model_spec).to(self.device)
-        model.load_state_dict(received.state)
+        model = self._model(model_spec, received)
+        x, y, evaluation = self._x, self._y, None
+        if task.evaluation_json:
+            x, y, _, _ = self._split_for(task.evaluation_json)
+            evaluation = self._measure(model, task)
         trainer = make_trainer(trainer_spec)
         torch.manual_seed(task.seed)
-        metrics = trainer.train(model, self._x, self._y, seed=task.seed)
+        metrics = trainer.train(model, as_tensor(x), y, seed=task.seed)
         if not isinstance(metrics, dict) or not all(
             isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
             for k, v in metrics.items()
@@ -347,7 +464,7 @@ class SiloDaemon:
             r,
             self.silo_id,
             trainer_spec.get("name"),
-            self.data.num_samples,
+            len(y),
             t2 - t1,
             " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
         )
@@ -358,9 +475,10 @@ class SiloDaemon:
                 run_id=task.run_id,
                 round=r,
                 silo_id=self.silo_id,
-                num_samples=self.data.num_samples,
+                num_samples=len(y),
                 train_seconds=t2 - t1,
                 metrics=metrics,
+                evaluation=evaluation,
             )
         )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -404,3 +522,16 @@ class SiloDaemon:
             time.monotonic() - t2,
             reply.message,
         )
+
+
+def _evaluation_settings(text: str) -> dict[str, Any]:
+    """The task's evaluation_json, checked: {"holdout": fraction in (0, 1), "seed": int}.
+    The coordinator may be hostile too: anything else stops the silo with one line."""
+    try:
+        settings = json.loads(text)
+        holdout, seed = settings["holdout"], settings["seed"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"task evaluation_json {text[:200]!r} is not valid") from None
+    if not (isinstance(holdout, float) and 0.0 < holdout < 1.0) or not isinstance(seed, int):
+        raise ValueError(f"task evaluation_json {text[:200]!r} is out of range")
+    return {"holdout": holdout, "seed": seed}

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lssfl.proto import tensor_pb2 as lssfl_dot_proto_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlssfl/proto/coordinator.proto\x12\x08lssfl.v1\x1a\x18lssfl/proto/tensor.proto\"T\n\x0bJoinRequest\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"P\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x15\n\rcurrent_round\x18\x03 \x01(\r\".\n\x0bTaskRequest\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xd6\x01\n\x04Task\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.lssfl.v1.Task.Kind\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nmodel_json\x18\x05 \x01(\t\x12\x14\n\x0ctrainer_json\x18\x06 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x07 \x01(\x01\x12\x14\n\x0cuplink_codec\x18\x08 \x01(\t\"%\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"i\n\x0f\x44ownloadRequest\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x17\n\nhave_round\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_have_round\"0\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x10HeartbeatRequest\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05state\x18\x04 \x01(\t\"\'\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\r2\xb9\x02\n\x0b\x43oordinator\x12\x32\n\x04Join\x12\x15.lssfl.v1.JoinRequest\x1a\x13.lssfl.v1.JoinReply\x12\x30\n\x07GetTask\x12\x15.lssfl.v1.TaskRequest\x1a\x0e.lssfl.v1.Task\x12\x42\n\rDownloadModel\x12\x19.lssfl.v1.DownloadRequest\x1a\x14.lssfl.v1.ModelChunk0\x01\x12=\n\x0cUploadResult\x12\x14.lssfl.v1.ModelChunk\x1a\x15.lssfl.v1.UploadReply(\x01\x12\x41\n\tHeartbeat\x12\x1a.lssfl.v1.HeartbeatRequest\x1a\x18.lssfl.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlssfl/proto/coordinator.proto\x12\x08lssfl.v1\x1a\x18lssfl/proto/tensor.proto\"T\n\x0bJoinRequest\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"P\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x15\n\rcurrent_round\x18\x03 \x01(\r\".\n\x0bTaskRequest\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xfd\x01\n\x04Task\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.lssfl.v1.Task.Kind\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nmodel_json\x18\x05 \x01(\t\x12\x14\n\x0ctrainer_json\x18\x06 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x07 \x01(\x01\x12\x14\n\x0cuplink_codec\x18\x08 \x01(\t\x12\x17\n\x0f\x65valuation_json\x18\t \x01(\t\"3\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\"i\n\x0f\x44ownloadRequest\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x17\n\nhave_round\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_have_round\"0\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x10HeartbeatRequest\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05state\x18\x04 \x01(\t\"\'\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\r\"l\n\x10\x45valuationReport\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12(\n\nevaluation\x18\x04 \x01(\x0b\x32\x14.lssfl.v1.Evaluation\"4\n\x0f\x45valuationReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\x84\x03\n\x0b\x43oordinator\x12\x32\n\x04Join\x12\x15.lssfl.v1.JoinRequest\x1a\x13.lssfl.v1.JoinReply\x12\x30\n\x07GetTask\x12\x15.lssfl.v1.TaskRequest\x1a\x0e.lssfl.v1.Task\x12\x42\n\rDownloadModel\x12\x19.lssfl.v1.DownloadRequest\x1a\x14.lssfl.v1.ModelChunk0\x01\x12=\n\x0cUploadResult\x12\x14.lssfl.v1.ModelChunk\x1a\x15.lssfl.v1.UploadReply(\x01\x12\x41\n\tHeartbeat\x12\x1a.lssfl.v1.HeartbeatRequest\x1a\x18.lssfl.v1.HeartbeatReply\x12I\n\x10ReportEvaluation\x12\x1a.lssfl.v1.EvaluationReport\x1a\x19.lssfl.v1.EvaluationReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST']._serialized_start=237
   _globals['_TASKREQUEST']._serialized_end=283
   _globals['_TASK']._serialized_start=286
-  _globals['_TASK']._serialized_end=500
-  _globals['_TASK_KIND']._serialized_start=463
-  _globals['_TASK_KIND']._serialized_end=500
-  _globals['_DOWNLOADREQUEST']._serialized_start=502
-  _globals['_DOWNLOADREQUEST']._serialized_end=607
-  _globals['_UPLOADREPLY']._serialized_start=609
-  _globals['_UPLOADREPLY']._serialized_end=657
-  _globals['_HEARTBEATREQUEST']._serialized_start=659
-  _globals['_HEARTBEATREQUEST']._serialized_end=740
-  _globals['_HEARTBEATREPLY']._serialized_start=742
-  _globals['_HEARTBEATREPLY']._serialized_end=781
-  _globals['_COORDINATOR']._serialized_start=784
-  _globals['_COORDINATOR']._serialized_end=1097
+  _globals['_TASK']._serialized_end=539
+  _globals['_TASK_KIND']._serialized_start=488
+  _globals['_TASK_KIND']._serialized_end=539
+  _globals['_DOWNLOADREQUEST']._serialized_start=541
+  _globals['_DOWNLOADREQUEST']._serialized_end=646
+  _globals['_UPLOADREPLY']._serialized_start=648
+  _globals['_UPLOADREPLY']._serialized_end=696
+  _globals['_HEARTBEATREQUEST']._serialized_start=698
+  _globals['_HEARTBEATREQUEST']._serialized_end=779
+  _globals['_HEARTBEATREPLY']._serialized_start=781
+  _globals['_HEARTBEATREPLY']._serialized_end=820
+  _globals['_EVALUATIONREPORT']._serialized_start=822
+  _globals['_EVALUATIONREPORT']._serialized_end=930
+  _globals['_EVALUATIONREPLY']._serialized_start=932
+  _globals['_EVALUATIONREPLY']._serialized_end=984
+  _globals['_COORDINATOR']._serialized_start=987
+  _globals['_COORDINATOR']._serialized_end=1375
 # @@protoc_insertion_point(module_scope)

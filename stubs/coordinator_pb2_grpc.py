@@ -61,6 +61,11 @@ class CoordinatorStub:
                 request_serializer=lssfl_dot_proto_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=lssfl_dot_proto_dot_coordinator__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/lssfl.v1.Coordinator/ReportEvaluation',
+                request_serializer=lssfl_dot_proto_dot_coordinator__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=lssfl_dot_proto_dot_coordinator__pb2.EvaluationReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -101,6 +106,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEvaluation(self, request, context):
+        """The silo's evaluation of the final model on its own held-out data (after an EVALUATE
+        task). Evaluations of earlier models travel in the upload header instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=lssfl_dot_proto_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=lssfl_dot_proto_dot_coordinator__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=lssfl_dot_proto_dot_coordinator__pb2.EvaluationReport.FromString,
+                    response_serializer=lssfl_dot_proto_dot_coordinator__pb2.EvaluationReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class Coordinator:
             '/lssfl.v1.Coordinator/Heartbeat',
             lssfl_dot_proto_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             lssfl_dot_proto_dot_coordinator__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lssfl.v1.Coordinator/ReportEvaluation',
+            lssfl_dot_proto_dot_coordinator__pb2.EvaluationReport.SerializeToString,
+            lssfl_dot_proto_dot_coordinator__pb2.EvaluationReply.FromString,
             options,
             channel_credentials,
             insecure,

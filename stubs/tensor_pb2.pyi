@@ -42,8 +42,18 @@ class DownloadHeader(_message.Message):
     base_round: int
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ...) -> None: ...
 
+class Evaluation(_message.Message):
+    __slots__ = ("loss", "accuracy", "num_samples")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    accuracy: float
+    num_samples: int
+    def __init__(self, loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
 class UploadHeader(_message.Message):
-    __slots__ = ("run_id", "round", "silo_id", "num_samples", "train_seconds", "metrics")
+    __slots__ = ("run_id", "round", "silo_id", "num_samples", "train_seconds", "metrics", "evaluation")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,13 +67,15 @@ class UploadHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     silo_id: str
     num_samples: int
     train_seconds: float
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., silo_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    evaluation: Evaluation
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., silo_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("download", "upload", "tensor", "data", "end")

@@ -17,7 +17,8 @@ from lssfl.cli import main
 from lssfl.common.config import ConfigError, parse_config
 from lssfl.common.models import build_model, head_linear
 from lssfl.common.plugins import PluginNotAllowed
-from lssfl.common.splits import Split, save_split
+from lssfl.common.silodata import SiloData
+from lssfl.common.splits import save_split
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.silo.daemon import SiloDaemon
 from lssfl.training.spec import trainer_spec
@@ -155,8 +156,8 @@ def test_a_silo_imports_no_path_it_was_not_allowed(tmp_path):
     (tmp_path / f"{never}.py").write_text("raise SystemExit('imported')\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        split = Split(torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), {})
-        daemon = SiloDaemon("127.0.0.1:9", "s1", split, torch.device("cpu"))
+        data = SiloData(torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), 10, "test")
+        daemon = SiloDaemon("127.0.0.1:9", "s1", data, torch.device("cpu"))
         for model, trainer, what in [
             (f"{never}:build", "fedavg", "model"),
             ("cnn", f"{never}:Trainer", "trainer"),

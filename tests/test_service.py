@@ -30,6 +30,8 @@ class Harness:
         compression=None,
         security=None,
         credentials=None,
+        evaluation=None,
+        rounds=3,
         **coordinator,
     ):
         cfg = parse_config(
@@ -40,10 +42,13 @@ class Harness:
                 "data": {"kind": "folders"},
                 "compression": compression or {},
                 "security": security or {},
+                "evaluation": evaluation or {},
+                "run": {"rounds": rounds},
             }
         )
         self.store = RoundStore(tmp_path)
-        self.coordinator = Coordinator(cfg, self.store, state, lambda s: (0.0, 0.0), run_id="run1")
+        evaluate = None if cfg.evaluation.where == "silos" else lambda s: (0.0, 0.0)
+        self.coordinator = Coordinator(cfg, self.store, state, evaluate, run_id="run1")
         self.server, self.port = serve(self.coordinator, "127.0.0.1", 0)
         target = f"127.0.0.1:{self.port}"
         self.channel = (

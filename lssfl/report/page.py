@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lssfl.report.plots import PLOTS
@@ -178,6 +178,40 @@ def _pool_html(run: Run) -> str | None:
     return _table(head, rows, left=1, cls=lambda ri, i: "miss" if flags[ri][i] else None)
 
 
+def _evaluations_html(run: Run) -> str | None:
+    """Per round and silo, the silo's measure of that round's model on its own held-out data
+    (accuracy, samples); None when the silos did not evaluate."""
+    if not any(rec.evaluations for rec in run.records):
+        return None
+    silos = sorted({e.silo_id for rec in run.records for e in rec.evaluations})
+    rows = []
+    for rec in run.records:
+        by_id = {e.silo_id: e for e in rec.evaluations}
+        cells = [str(rec.round), fmt(rec.silo_accuracy, ".4f")]
+        for sid in silos:
+            e = by_id.get(sid)
+            cells.append("-" if e is None else f"{e.accuracy:.4f} ({e.num_samples})")
+        rows.append(cells)
+    head = ["round", "weighted mean", *(_e(s) for s in silos)]
+    return _table(head, rows, left=1)
+
+
+def _optional_section(
+    runs: Sequence[Run], table_of: Callable[[Run], str | None], heading: str, note: str
+) -> list[str]:
+    """A heading, a note and each run's table, or nothing when no run has one."""
+    tables = [(run, table_of(run)) for run in runs]
+    if not any(table for _, table in tables):
+        return []
+    parts = [f"<h2>{_e(heading)}</h2>", f'<p class="note">{_e(note)}</p>']
+    for run, table in tables:
+        if table:
+            if len(runs) > 1:
+                parts.append(f"<h3>{_e(run.label)}</h3>")
+            parts.append(table)
+    return parts
+
+
 def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, target_note) -> str:
     """report.html's text: summary, plots, per-round and per-silo tables."""
     now = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -245,20 +279,24 @@ def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, 
         if len(runs) > 1:
             parts.append(f"<h3>{_e(run.label)}</h3>")
         parts.append(_silos_html(run))
-    pools = [(run, _pool_html(run)) for run in runs]
-    if any(table for _, table in pools):
-        parts.append("<h2>LSS pool</h2>")
-        parts.append(
-            '<p class="note">Per silo: RMS distance of the uploaded soup to the model it '
-            "received / smallest RMS distance between two pool members / regulariser-to-loss "
-            f"gradient norm ratio. Red: the pool collapsed (closest members under "
-            f"{COLLAPSE_RMS:g}), so the soup is close to one model: lambda_a is strong for the "
-            "learning rate; a ratio near 0 means the regulariser does nothing.</p>"
-        )
-        for run, table in pools:
-            if table:
-                if len(runs) > 1:
-                    parts.append(f"<h3>{_e(run.label)}</h3>")
-                parts.append(table)
+    parts += _optional_section(
+        runs,
+        _evaluations_html,
+        "Evaluation at the silos",
+        "Each silo's accuracy (held-out samples) of the global model after the round, measured "
+        "on its own held-out data when it received that model (the last round's: after the "
+        "run, in an evaluation task); the weighted mean weighs them by their sample counts. "
+        "Where the silos alone evaluate, it is the accuracy shown above.",
+    )
+    parts += _optional_section(
+        runs,
+        _pool_html,
+        "LSS pool",
+        "Per silo: RMS distance of the uploaded soup to the model it "
+        "received / smallest RMS distance between two pool members / regulariser-to-loss "
+        f"gradient norm ratio. Red: the pool collapsed (closest members under "
+        f"{COLLAPSE_RMS:g}), so the soup is close to one model: lambda_a is strong for the "
+        "learning rate; a ratio near 0 means the regulariser does nothing.",
+    )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

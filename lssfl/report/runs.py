@@ -136,7 +136,7 @@ class Run:
     @property
     def accuracy(self) -> list[float]:
         """Global accuracy per round (NaN where not recorded)."""
-        return [r.global_accuracy for r in self.records]
+        return [math.nan if r.global_accuracy is None else r.global_accuracy for r in self.records]
 
     @property
     def cumulative_mb(self) -> list[float]:
@@ -242,7 +242,7 @@ def summarize(run: Run, target: float | None = None) -> Summary:
         algorithm=run.algorithm,
         run=run.name,
         rounds=run.rounds[-1],
-        initial_accuracy=first.global_accuracy if first.round == 0 else math.nan,
+        initial_accuracy=acc[0] if first.round == 0 else math.nan,
         final_accuracy=acc[-1],
         best_accuracy=best,
         best_round=best_round,
