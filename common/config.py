@@ -48,6 +48,12 @@ class CoordinatorSection:
     # tests.
     save_uploads: bool = False
     max_upload_mb: float = 2048.0
+    # A model stream (download or upload) that moves no message for this long is cancelled,
+    # and none outlives its round's deadline: a stalled peer cannot hold a server thread.
+    stream_idle_timeout_s: float = 30.0
+    # Uploads decoded at once hold this many MB of model in memory together; further
+    # uploads wait for room (None: four times the model's size).
+    max_inflight_upload_mb: float | None = None
     # Ask k + m live silos each round and aggregate the first k results (None: every live
     # silo, and wait for all of them).
     silos_per_round: int | None = None
@@ -225,6 +231,11 @@ def _check(cfg: RunConfig) -> None:
         bound = getattr(cfg.coordinator, key)
         if bound is not None and not bound > 0:
             raise ConfigError(f"coordinator.{key} must be a positive number or null")
+    if cfg.coordinator.stream_idle_timeout_s <= 0:
+        raise ConfigError("coordinator.stream_idle_timeout_s must be positive")
+    inflight = cfg.coordinator.max_inflight_upload_mb
+    if inflight is not None and inflight <= 0:
+        raise ConfigError("coordinator.max_inflight_upload_mb must be positive")
     port = cfg.coordinator.prometheus_port
     if port is not None and not 0 <= port <= 65535:
         raise ConfigError(f"coordinator.prometheus_port must be 0..65535, got {port}")

@@ -66,10 +66,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, text.encode("utf-8"))
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Replace ``path`` with a safetensors file of ``tensors``, written without a copy in
-    memory."""
+def atomic_save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Replace ``path`` with a safetensors file of ``tensors`` (and ``metadata``), written
+    without a copy in memory."""
     from safetensors.torch import save_file
 
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    _replace_with(path, lambda tmp: save_file(contiguous, str(tmp)), "")
+    _replace_with(path, lambda tmp: save_file(contiguous, str(tmp), metadata), "")

@@ -27,6 +27,9 @@ SERVER_CERT, SERVER_KEY = "coordinator.pem", "coordinator.key"
 TOKENS = "tokens.json"
 REVOKED = "revoked.txt"
 TOKEN_HEADER = "authorization"
+# The silo id a caller claims, sent with every call: the coordinator bounds each silo's calls
+# before reading a request. With tokens on, it must be the token's silo.
+SILO_HEADER = "lssfl-silo"
 
 
 def read_secret(path: Path, what: str) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -274,16 +274,30 @@ def _codec(name: str) -> CodecSpec:
 
 
 def _check_spec(
-    spec: pb.TensorSpec, seen: dict[str, torch.Tensor], budget: int
+    spec: pb.TensorSpec,
+    seen: dict[str, torch.Tensor],
+    budget: int,
+    like: Mapping[str, torch.Tensor] | None = None,
 ) -> CodecSpec | None:
-    """The tensor's codec (None: raw), after checking the spec against every limit."""
-    where = f"tensor {spec.name!r}"
+    """The tensor's codec (None: raw), after checking the spec against every limit (and
+    against the tensor of that name in ``like``, when given), before any of its data."""
+    where = f"tensor {spec.name[:100]!r}"
     if not spec.name:
         raise WireError("tensor with an empty name")
     if spec.name in seen:
         raise WireError(f"{where} sent twice")
     if spec.dtype not in DTYPES:
-        raise WireError(f"{where}: unknown dtype {spec.dtype!r}")
+        raise WireError(f"{where}: unknown dtype {spec.dtype[:32]!r}")
+    if like is not None:
+        ref = like.get(spec.name)
+        if ref is None:
+            raise WireError(f"unknown {where}: not in the model")
+        if tuple(spec.shape) != tuple(ref.shape):
+            raise WireError(
+                f"{where} announced with shape {list(spec.shape)[:8]}, expected {list(ref.shape)}"
+            )
+        if DTYPES[spec.dtype] != ref.dtype:
+            raise WireError(f"{where} announced with dtype {spec.dtype}, expected {ref.dtype}")
     try:
         codec = None if spec.codec == RAW else _codec(spec.codec)
     except CodecError as exc:
@@ -381,8 +395,11 @@ def decode_after_header(
     *,
     max_payload_bytes: int,
     reference: dict[str, torch.Tensor] | None = None,
+    like: Mapping[str, torch.Tensor] | None = None,
 ) -> DecodedModel:
-    """``decode_model`` for a stream whose header ``read_header`` has already taken."""
+    """``decode_model`` for a stream whose header ``read_header`` has already taken. With
+    ``like``, each tensor's spec must name a tensor of ``like`` with its shape and dtype:
+    anything else is refused before a byte of its data is read."""
     state: dict[str, torch.Tensor] = {}
     digest = checksum()
     payload = 0
@@ -404,7 +421,7 @@ def decode_after_header(
         if part == "tensor" and isinstance(msg, pb.ModelChunk):
             finish_tensor()
             spec = msg.tensor
-            codec = _check_spec(spec, state, max_payload_bytes - payload)
+            codec = _check_spec(spec, state, max_payload_bytes - payload, like)
             digest.update(_spec_key(spec))
             # Uninitialised: every byte is written below before anything reads it.
             buf, filled = torch.empty(spec.nbytes, dtype=torch.uint8), 0

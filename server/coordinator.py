@@ -8,6 +8,7 @@ slow work (decoding, aggregation) happens while holding it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,16 +19,19 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import torch
+from safetensors.torch import load_file
 
 from lssfl.common.codecs import parse_codec
 from lssfl.common.config import RunConfig
 from lssfl.common.faults import crash_point
 from lssfl.common.peertext import MAX_PEER_REASON, check_metrics, peer_text
-from lssfl.common.records import RoundRecord, SiloEvaluation, SiloRound
+from lssfl.common.records import RecordError, RoundRecord, SiloEvaluation, SiloRound
 from lssfl.common.seeding import derive_seed
 from lssfl.common.wire import (
     FP32,
@@ -84,15 +88,52 @@ class SiloInfo:
 
 @dataclass
 class SiloResult:
-    """One silo's decoded answer to a round."""
+    """One silo's accepted answer to a round; its model waits on disk at ``path``."""
 
     silo_id: str
     num_samples: int
-    state: dict[str, torch.Tensor]
     train_seconds: float
     metrics: dict[str, float]
+    bytes_up: tuple[int, int, int]  # the upload's serialized, raw fp32 and payload bytes
+    path: Path = Path()
     # The silo's measure of the model it received this round (the previous round's).
     evaluation: SiloEvaluation | None = None
+
+    def meta(self, run_id: str, round_num: int) -> dict[str, str]:
+        """What the upload's file keeps of this result beside the tensors."""
+        return {
+            "run_id": run_id,
+            "round": str(round_num),
+            "silo": self.silo_id,
+            "num_samples": str(self.num_samples),
+            "train_seconds": repr(self.train_seconds),
+            "metrics": json.dumps(self.metrics),
+            "bytes_up": json.dumps(list(self.bytes_up)),
+            "evaluation": json.dumps(self.evaluation.to_dict() if self.evaluation else None),
+        }
+
+    @classmethod
+    def from_meta(cls, path: Path, meta: dict[str, str]) -> SiloResult:
+        """The result a kept upload's file describes (ValueError if it does not)."""
+        try:
+            metrics = json.loads(meta["metrics"])
+            bytes_up = json.loads(meta["bytes_up"])
+            evaluation = json.loads(meta.get("evaluation", "null"))
+            return cls(
+                meta["silo"],
+                int(meta["num_samples"]),
+                float(meta["train_seconds"]),
+                {str(k): float(v) for k, v in metrics.items()},
+                (int(bytes_up[0]), int(bytes_up[1]), int(bytes_up[2])),
+                path,
+                None if evaluation is None else SiloEvaluation.from_dict(evaluation),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecordError) as exc:
+            raise ValueError(f"{path.name}: unreadable metadata ({exc})") from None
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The uploaded model, read back from disk."""
+        return load_file(self.path)
 
 
 @dataclass
@@ -165,6 +206,7 @@ class Coordinator:
         self.codec_down = parse_codec(cfg.compression.downlink)
         self.codec_up = parse_codec(cfg.compression.uplink)
         self._stopping = threading.Event()
+        self.rounds_closed = 0
         self.algorithm = str(cfg.trainer.get("name", "fedavg"))
         # Every task carries these; serialized once, not on each long poll.
         self._model_json = json.dumps(cfg.model_spec, sort_keys=True)
@@ -336,6 +378,14 @@ class Coordinator:
             holds_base = req.HasField("have_round") and req.have_round == d.base_round
             return d.delta if d.delta is not None and holds_base else d.full
 
+    def stream_deadline(self) -> float:
+        """When a model stream opened now must have ended (monotonic): the open round's
+        deadline, or one round's length from now between rounds."""
+        with self._cond:
+            if self._phase == "train":
+                return self._deadline
+        return time.monotonic() + self.cfg.coordinator.round_deadline_s
+
     def admit_upload(self, header: pb.ModelChunk) -> cpb.UploadReply | None:
         """Whether the upload ``header`` announces may be read: RpcError when refused, a reply
         when there is nothing to read (a duplicate), None when ``upload`` should go on."""
@@ -349,41 +399,60 @@ class Coordinator:
             self._silos[head.silo_id].state = "uploading"
         return None
 
-    def upload(self, header: pb.ModelChunk, stream: Iterator[Message]) -> cpb.UploadReply:
+    def upload(
+        self,
+        header: pb.ModelChunk,
+        stream: Iterator[Message],
+        slot: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> cpb.UploadReply:
         """Take one silo's result, admitted by ``admit_upload``: ``header`` (read and
         authenticated by the service: the caller is ``header.upload.silo_id``), then the rest of
-        the stream."""
+        the stream, decoded while holding ``slot()`` (room in memory for one model) and kept on
+        disk."""
         head = header.upload
         silo, round_num = head.silo_id, head.round
         with self._cond:
             declared = self._silos[silo].num_samples
             reference = self._broadcast
             base = reference if reference is not None else self.global_state
-        try:
-            decoded = decode_after_header(
-                header,
-                stream,
-                max_payload_bytes=int(self.cfg.coordinator.max_upload_mb * 2**20),
-                reference=reference,
+        with slot():
+            try:
+                decoded = decode_after_header(
+                    header,
+                    stream,
+                    max_payload_bytes=int(self.cfg.coordinator.max_upload_mb * 2**20),
+                    reference=reference,
+                    like=self.global_state,
+                )
+            except WireError as exc:
+                log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, exc)
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"bad upload stream: {exc}"
+                ) from None
+            self._validate(decoded.state, silo, round_num)
+            self._check_weight(head, declared, decoded.state, base)
+            evaluation = (
+                self._check_evaluation(silo, round_num, head.evaluation)
+                if self._silo_eval and head.HasField("evaluation")
+                else None
             )
-        except WireError as exc:
-            log.warning("round=%d silo=%s rejected upload: %s", round_num, silo, exc)
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"bad upload stream: {exc}") from None
-        self._validate(decoded.state, silo, round_num)
-        self._check_weight(head, declared, decoded.state, base)
-        evaluation = (
-            self._check_evaluation(silo, round_num, head.evaluation)
-            if self._silo_eval and head.HasField("evaluation")
-            else None
-        )
-        result = SiloResult(
-            silo,
-            int(head.num_samples),
-            decoded.state,
-            head.train_seconds,
-            dict(head.metrics),
-            evaluation,
-        )
+            up = self.meter.get(round_num, silo, UP)
+            result = SiloResult(
+                silo,
+                int(head.num_samples),
+                head.train_seconds,
+                dict(head.metrics),
+                (up.bytes, up.raw, up.payload),
+                evaluation=evaluation,
+            )
+            # On disk before it counts: the round aggregates from there, and a restarted
+            # coordinator finds it instead of asking the silo to train again.
+            result.path = self.store.save_upload(
+                round_num, silo, decoded.state, result.meta(self.run_id, round_num)
+            )
+            payload = decoded.payload_bytes
+            del decoded
+        crash_point(f"accepted:{round_num}:{silo}")
         with self._cond:
             self._admit(silo, round_num)  # the deadline may have passed while decoding
             self._results.setdefault(silo, result)
@@ -396,13 +465,11 @@ class Coordinator:
                 reported = sorted(self._results) if self._round == round_num else None
             if reported is not None:
                 self.store.put(reported=json.dumps(reported))
-        if self.cfg.coordinator.save_uploads:
-            self.store.save_upload(round_num, silo, decoded.state)
         log.info(
             "round=%d silo=%s upload accepted (%.2f MB, %d samples)",
             round_num,
             silo,
-            decoded.payload_bytes / 1e6,
+            payload / 1e6,
             head.num_samples,
         )
         return cpb.UploadReply(accepted=True, message="ok")
@@ -680,6 +747,8 @@ class Coordinator:
             if self.cfg.compression.delta_downlink:
                 self._broadcast = self.store.held_model(done)
             self._round = first = done + 1
+            if not self.cfg.coordinator.save_uploads:
+                self.store.drop_uploads(done)  # a crash after a commit can leave them
             self.store.rewrite_metrics()
             self._last_record = self.store.records()[-1]
             log.info("resuming run %s after committed round %d", self.run_id, done)
@@ -696,11 +765,12 @@ class Coordinator:
         """One round: select, serve, wait for results or the deadline, aggregate, record."""
         t0 = time.monotonic()
         download = self._prepare_download(round_num)
+        kept = self._kept_results(round_num)
         with self._cond:
             self._round, self._phase = round_num, "train"
             self._download = download
             self._selected = self._select(round_num)
-            self._results = {}
+            self._results = {s: r for s, r in kept.items() if s in self._selected}
             self._failed = {}
             self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
             selected = sorted(self._selected)
@@ -709,6 +779,13 @@ class Coordinator:
         with self._progress_lock:
             self.store.put(selected=json.dumps(selected), reported="[]")
         log.info("round=%d opened for %s", round_num, ", ".join(selected))
+        for silo in sorted(self._results):
+            self.meter.add(round_num, silo, UP, *self._results[silo].bytes_up)
+            log.info(
+                "round=%d silo=%s upload kept from before the restart: not asked to train again",
+                round_num,
+                silo,
+            )
         with self._cond:
             wanted = min(self._wanted(), len(self._selected))
             while not self._stopping.is_set() and len(self._results) < wanted:
@@ -721,6 +798,7 @@ class Coordinator:
                     break
                 self._cond.wait(min(left, 1.0))
             self._phase = "aggregate"
+            self.rounds_closed += 1  # streams opened before now have no use left
             # Over-selection: the first k to arrive make the round.
             first_k = list(self._results.values())[: self._wanted()]
             results = sorted(first_k, key=lambda r: r.silo_id)
@@ -737,7 +815,7 @@ class Coordinator:
         crash_point(f"aggregate:{round_num}")
         if len(results) >= self.cfg.coordinator.min_silos:
             self.global_state = weighted_average(
-                [r.state for r in results], [r.num_samples for r in results], self.global_state
+                (r.load() for r in results), [r.num_samples for r in results], self.global_state
             )
             status = "ok"
         else:
@@ -755,6 +833,8 @@ class Coordinator:
             else []
         )
         self._record(round_num, status, acc, loss, time.monotonic() - t0, results, missing, final)
+        if not self.cfg.coordinator.save_uploads:
+            self.store.drop_uploads(round_num)
         with self._cond:
             self._phase = "closed"
 
@@ -838,6 +918,24 @@ class Coordinator:
                 return None
             why.append(f"{silo} no heartbeat for {silent:.0f} s")
         return "; ".join(why) or None
+
+    def _kept_results(self, round_num: int) -> dict[str, SiloResult]:
+        """Uploads accepted for ``round_num`` before a restart and still valid: a silo
+        selected again counts with it, without training again (and its bytes as sent then)."""
+        kept = {}
+        for silo, (path, meta) in self.store.kept_uploads(round_num).items():
+            if silo not in self.cfg.silos or meta.get("run_id") != self.run_id:
+                continue
+            try:
+                result = SiloResult.from_meta(path, meta)
+                problem = check_state(result.load(), self.global_state)
+            except (ValueError, OSError) as exc:
+                problem = str(exc)
+            if problem or result.num_samples <= 0:
+                log.warning("round=%d silo=%s kept upload not used: %s", round_num, silo, problem)
+                continue
+            kept[silo] = result
+        return kept
 
     def _record(
         self,

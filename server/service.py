@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +22,7 @@ from lssfl.common.security import (
     REVOKED,
     SERVER_CERT,
     SERVER_KEY,
+    SILO_HEADER,
     TOKEN_HEADER,
     TOKENS,
     RevokedFile,
@@ -30,6 +33,17 @@ from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.server.coordinator import Coordinator, RpcError
 from lssfl.server.meter import UP
+from lssfl.server.streams import (
+    CALLS_PER_SILO,
+    DOWNLOADS_AT_ONCE,
+    STREAMS_PER_SILO,
+    PeerLimits,
+    Refused,
+    Slots,
+    StreamWatch,
+    Watched,
+    watched_messages,
+)
 
 log = logging.getLogger("lssfl.service")
 T = TypeVar("T")
@@ -38,7 +52,8 @@ T = TypeVar("T")
 class Gatekeeper:
     """Checks on every RPC that the caller is the silo it claims to be and not revoked."""
 
-    def __init__(self, security: SecuritySection) -> None:
+    def __init__(self, security: SecuritySection, silos: list[str]) -> None:
+        self.silos = set(silos)
         self.revoked = set(security.revoked)
         # `lssfl certs revoke` writes this file; it counts from the next call, no restart.
         self.revoked_file = RevokedFile(Path(security.dir) / REVOKED) if security.dir else None
@@ -48,6 +63,40 @@ class Gatekeeper:
             if security.tokens and security.dir
             else None
         )
+
+    def caller(self, metadata: Mapping[str, str | bytes]) -> str:
+        """The silo a call comes from, by its metadata alone ("" when it does not say and
+        tokens are off); RpcError for a missing or wrong token or an unknown silo. Cheap:
+        it runs before the call gets a server thread."""
+        claimed = str(metadata.get(SILO_HEADER, ""))
+        if self.tokens is not None:
+            token = str(metadata.get(TOKEN_HEADER, "")).removeprefix("Bearer ").strip()
+            silo = self.tokens.silo_for(token) if token else None
+            if silo is None:
+                raise RpcError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing bearer token" if not token else "token is not valid for any silo",
+                )
+            if claimed and claimed != silo:
+                raise RpcError(
+                    grpc.StatusCode.UNAUTHENTICATED, f"token is not valid for silo {claimed!r}"
+                )
+            return silo
+        if claimed and claimed not in self.silos:
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"unknown silo {claimed[:64]!r}")
+        return claimed
+
+    def same_silo(self, caller: str, silo_id: str) -> None:
+        """Refuse a call from ``caller`` (its token's or silo header's silo) that speaks for
+        another silo."""
+        if caller and silo_id != caller:
+            log.warning("refused wrong token for silo %r (from silo %r)", silo_id[:64], caller)
+            raise RpcError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"token is not valid for silo {silo_id[:64]!r}"
+                if self.tokens is not None
+                else f"the call's {SILO_HEADER} header names silo {caller!r}, not {silo_id[:64]!r}",
+            )
 
     def check(self, context: grpc.ServicerContext, silo_id: str) -> None:
         """Refuse (RpcError) a caller that is not ``silo_id`` or is revoked."""
@@ -77,32 +126,100 @@ class Gatekeeper:
                 )
 
 
+def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that refuses without reading the request: a request-streaming handler gets
+    its thread at once instead of waiting for a request that may never come."""
+
+    def refuse(_requests: Iterator[Any], context: grpc.ServicerContext) -> None:
+        context.abort(code, message)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+class CallerCheck(grpc.ServerInterceptor):
+    """Refuses calls with a wrong or missing token, or from an unknown silo, before the call
+    is handed to a server thread (interceptors run on gRPC's dispatching thread)."""
+
+    def __init__(self, gate: Gatekeeper, count_refusal: Callable[[grpc.StatusCode], None]) -> None:
+        self.gate = gate
+        self.count_refusal = count_refusal
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """The call's handler, or one that refuses it at once."""
+        if not handler_call_details.method.startswith(f"/{SERVICE}/"):
+            return continuation(handler_call_details)  # the health service
+        try:
+            self.gate.caller(dict(handler_call_details.invocation_metadata))
+        except RpcError as exc:
+            log.warning("refused %s: %s", handler_call_details.method.rsplit("/", 1)[-1], exc)
+            self.count_refusal(exc.code)
+            return _refusal(exc.code, str(exc))
+        return continuation(handler_call_details)
+
+
+def _upload_slots(coordinator: Coordinator) -> Slots:
+    """``max_inflight_upload_mb`` (default: four models) as a number of whole models."""
+    model_bytes = max(1, sum(t.nbytes for t in coordinator.global_state.values()))
+    cap_mb = coordinator.cfg.coordinator.max_inflight_upload_mb
+    cap = 4 * model_bytes if cap_mb is None else int(cap_mb * 2**20)
+    return Slots(max(1, cap // model_bytes), "upload")
+
+
 class CoordinatorServicer(cgrpc.CoordinatorServicer):
-    """The Coordinator service: each RPC checked, then handed to the Coordinator."""
+    """The Coordinator service: each RPC checked and bounded, then handed to the Coordinator."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
         self.meter = coordinator.meter  # what enters and leaves is counted here, at the edge
-        self.gate = Gatekeeper(coordinator.cfg.security)
+        self.gate = Gatekeeper(coordinator.cfg.security, coordinator.cfg.silos)
+        self.limits = PeerLimits()
+        self.watch = StreamWatch(
+            coordinator.cfg.coordinator.stream_idle_timeout_s, lambda: coordinator.rounds_closed
+        )
+        self.slots = _upload_slots(coordinator)
+        # Downloads sending at once: each holds gRPC's send buffers and flow-control window,
+        # and a few keep the link busy; the others wait their turn, unread.
+        self.download_slots = Slots(DOWNLOADS_AT_ONCE, "download")
+        # Calls in progress from callers that name no silo (tokens off, no silo header).
+        self.unidentified_calls = max(4, 2 * len(coordinator.cfg.silos))
 
-    def _answer(
-        self,
-        context: grpc.ServicerContext,
-        silo_id: str | None,
-        method: Callable[..., T],
-        *args: Any,
-    ) -> T:
-        """``method(*args)`` for a caller checked to be ``silo_id`` (None: ``method`` checks,
-        as an upload names its silo only in its header). A refusal aborts the call with its
+    @contextlib.contextmanager
+    def _bounded(
+        self, context: grpc.ServicerContext, silo_id: str | None, what: str | None = None
+    ) -> Iterator[Watched | None]:
+        """Run the block as one call of its caller, counted against the caller's bounds, as a
+        watched model stream when ``what`` names one. A refusal aborts the call with its
         status code; a bug costs this call, not the coordinator."""
+        watched: Watched | None = None
         try:
+            peer = self.gate.caller(dict(context.invocation_metadata()))
             if silo_id is not None:
-                self.gate.check(context, silo_id)
-            return method(*args)
-        except RpcError as exc:
+                self.gate.same_silo(peer, silo_id)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(
+                    self.limits.hold(
+                        peer, "calls", CALLS_PER_SILO if peer else self.unidentified_calls
+                    )
+                )
+                if what is not None:
+                    stack.enter_context(self.limits.hold(peer, "model streams", STREAMS_PER_SILO))
+                    label = f"{what} of silo {peer or silo_id or '?'} ({context.peer()})"
+                    watched = stack.enter_context(
+                        self.watch.watch(label, context, self.c.stream_deadline())
+                    )
+                if silo_id is not None:
+                    self.gate.check(context, silo_id)
+                yield watched
+        except (RpcError, Refused) as exc:
             self.c.count_refusal(exc.code)
             context.abort(exc.code, str(exc))
         except grpc.RpcError:
+            if watched is not None and watched.tripped:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"cancelled: {watched.tripped}")
             # Reading the request stream failed: gRPC ended the call because the client
             # cancelled or went away, or sent a message over the size limit (the client got
             # RESOURCE_EXHAUSTED; from here the two look the same). Not an internal error.
@@ -114,28 +231,22 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
             )
             raise
         except Exception as exc:
+            if watched is not None and watched.tripped:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"cancelled: {watched.tripped}")
             log.exception("internal error")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-        raise AssertionError("unreachable")  # abort raises
 
-    def _upload(self, context: grpc.ServicerContext, chunks: Iterator[Message]) -> cpb.UploadReply:
-        it = iter(chunks)
-        try:
-            header = read_header(it, "upload")
-        except WireError:
-            log.warning("rejected upload: upload must start with its header")
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header"
-            ) from None
-        head = header.upload
-        self.gate.check(context, head.silo_id)
-        done = self.c.admit_upload(header)
-        if done is not None:
-            return done
-        # Counted from the header on, once the coordinator has admitted the silo and round.
-        stream = self.meter.received(head.round, head.silo_id, itertools.chain([header], it))
-        next(stream)
-        return self.c.upload(header, stream)
+    def _answer(
+        self,
+        context: grpc.ServicerContext,
+        silo_id: str,
+        method: Callable[..., T],
+        *args: Any,
+    ) -> T:
+        """``method(*args)`` for a caller checked to be ``silo_id``, within its bounds."""
+        with self._bounded(context, silo_id):
+            return method(*args)
+        raise AssertionError("unreachable")  # _bounded returns or aborts
 
     def Join(self, request: cpb.JoinRequest, context: grpc.ServicerContext) -> cpb.JoinReply:
         """A silo enrols for the run."""
@@ -153,16 +264,41 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         self, request: cpb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """This round's model as a stream of pre-serialized chunks."""
-        messages = self._answer(context, request.silo_id, self.c.download, request)
-        self.meter.add(request.round, request.silo_id, UP, request.ByteSize())
-        # Pre-serialized ModelChunk messages: the handler's serializer passes bytes through.
-        yield from self.meter.sent(request.round, request.silo_id, messages)
+        with self._bounded(context, request.silo_id, f"round {request.round} download") as w:
+            assert w is not None
+            messages = self.c.download(request)
+            self.meter.add(request.round, request.silo_id, UP, request.ByteSize())
+            with self.download_slots.take(w):
+                # Pre-serialized ModelChunk messages: the serializer passes bytes through.
+                for msg in self.meter.sent(request.round, request.silo_id, messages):
+                    yield msg
+                    w.touch()  # the previous message went out: the reader keeps up
 
     def UploadResult(
         self, request_iterator: Iterator[Message], context: grpc.ServicerContext
     ) -> cpb.UploadReply:
         """A silo's trained model: header first (who, which round), then tensors."""
-        return self._answer(context, None, self._upload, context, request_iterator)
+        with self._bounded(context, None, "upload") as w:
+            assert w is not None
+            it = watched_messages(iter(request_iterator), w)
+            try:
+                header = read_header(it, "upload")
+            except WireError:
+                log.warning("rejected upload: upload must start with its header")
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "upload must start with its header"
+                ) from None
+            head = header.upload
+            self.gate.same_silo(self.gate.caller(dict(context.invocation_metadata())), head.silo_id)
+            self.gate.check(context, head.silo_id)
+            done = self.c.admit_upload(header)
+            if done is not None:
+                return done
+            # Counted from the header on, once the coordinator has admitted the silo and round.
+            stream = self.meter.received(head.round, head.silo_id, itertools.chain([header], it))
+            next(stream)
+            return self.c.upload(header, stream, slot=lambda: self.slots.take(w))
+        raise AssertionError("unreachable")  # _bounded returns or aborts
 
     def Heartbeat(
         self, request: cpb.HeartbeatRequest, context: grpc.ServicerContext
@@ -203,16 +339,44 @@ def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | No
     )
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+
+
+def _return_freed_buffers() -> None:
+    """Make the megabyte message buffers of model streams go back to the OS when freed.
+
+    By default glibc gives each busy thread its own arena and raises its mmap threshold each
+    time a large block is freed, so a 1 MB chunk soon comes from an arena and stays there
+    once freed: with a hundred silos streaming, the coordinator's RSS grew by about one
+    model per silo (bench/coordinator_scale.py: 4.5 GB at 100 silos against 1.4 GB at 5).
+    A fixed threshold keeps such buffers mmapped; two arenas bound what freed small blocks
+    can pin. Without glibc (musl, macOS) this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+    mallopt(_M_ARENA_MAX, 2)
+
+
 def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, int]:
     """Start the service; returns the server and the port it bound (``port=0``: any free)."""
-    workers = max(16, 4 * len(coordinator.cfg.silos))
+    _return_freed_buffers()
+    servicer = CoordinatorServicer(coordinator)
+    # Enough threads for every silo at its bound, the unidentified callers at theirs and the
+    # health service: a peer at its bound is refused at once, and cannot starve the others.
+    workers = CALLS_PER_SILO * len(coordinator.cfg.silos) + servicer.unidentified_calls + 4
     # No SO_REUSEPORT: with it a second coordinator binds the same port and the kernel splits
     # the silos' connections between the two.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[CallerCheck(servicer.gate, coordinator.count_refusal)],
         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
     )
-    add_coordinator_servicer(CoordinatorServicer(coordinator), server)
+    add_coordinator_servicer(servicer, server)
     # The standard gRPC health service, for load balancers and container health checks.
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -17,7 +17,8 @@ Layout of ``runs/<run-id>/``:
     checkpoints/held-NNNN.safetensors    with a delta downlink: what silos hold after the
                                          last round's download (its next delta's base)
     final_model.safetensors + model.json  the last global model and its architecture
-    uploads/round-NNNN/<silo>.safetensors  decoded uploads, when save_uploads is on
+    uploads/round-NNNN/<silo>.safetensors  accepted uploads of the open round (aggregated
+                                           from disk; kept after the round with save_uploads)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -34,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lssfl.common.faults import crash_point
-from lssfl.common.files import atomic_write
+from lssfl.common.files import atomic_save_tensors, atomic_write
 from lssfl.common.records import RecordError, RoundRecord
 
 SCHEMA = """
@@ -335,11 +338,43 @@ class RoundStore:
 
     # -------------------------------------------------------------- files
 
-    def save_upload(self, round_num: int, silo_id: str, state: dict[str, torch.Tensor]) -> None:
-        """Keep a decoded upload under uploads/round-NNNN/ (``save_uploads``)."""
-        folder = self.run_dir / "uploads" / f"round-{round_num:04d}"
+    def uploads_dir(self, round_num: int) -> Path:
+        """Where the accepted uploads of ``round_num`` are kept until it is committed."""
+        return self.run_dir / "uploads" / f"round-{round_num:04d}"
+
+    def save_upload(
+        self, round_num: int, silo_id: str, state: dict[str, torch.Tensor], meta: dict[str, str]
+    ) -> Path:
+        """Keep an accepted upload (fsync'd, atomic) with ``meta`` (what else the round needs
+        of it) under uploads/round-NNNN/; returns its path."""
+        folder = self.uploads_dir(round_num)
         folder.mkdir(parents=True, exist_ok=True)
-        save_state(folder / f"{silo_id}.safetensors", state)
+        path = folder / f"{silo_id}.safetensors"
+        atomic_save_tensors(path, state, meta)
+        return path
+
+    def kept_uploads(self, round_num: int) -> dict[str, tuple[Path, dict[str, str]]]:
+        """The uploads accepted for ``round_num`` before a restart: silo id -> (path, meta)."""
+        folder = self.uploads_dir(round_num)
+        if not folder.is_dir():
+            return {}
+        kept = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("round") == str(round_num) and meta.get("silo") == path.stem:
+                kept[path.stem] = (path, meta)
+        return kept
+
+    def drop_uploads(self, up_to_round: int) -> None:
+        """Delete the kept uploads of rounds up to ``up_to_round`` (committed rounds)."""
+        root = self.run_dir / "uploads"
+        if not root.is_dir():
+            return
+        for folder in root.iterdir():
+            m = re.match(r"^round-(\d{4,})$", folder.name)
+            if m and int(m.group(1)) <= up_to_round:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def save_final(self, state: dict[str, torch.Tensor], model_spec: dict[str, Any]) -> None:
         """Write final_model.safetensors and model.json."""

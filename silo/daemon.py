@@ -30,7 +30,7 @@ from lssfl.common.peertext import MAX_PEER_REASON, peer_text
 from lssfl.common.plugins import check_allowed, is_import_path
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
-from lssfl.common.security import TOKEN_HEADER, channel_credentials, read_secret
+from lssfl.common.security import SILO_HEADER, TOKEN_HEADER, channel_credentials, read_secret
 from lssfl.common.seeding import seed_of
 from lssfl.common.silodata import (
     ImageTransform,
@@ -214,7 +214,10 @@ class SiloDaemon:
         self.round = 0
         self.state = "idle"
         self.heartbeat_s = 2.0
-        self._metadata = ((TOKEN_HEADER, f"Bearer {token}"),) if token else ()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (SILO_HEADER, silo_id),
+            *(((TOKEN_HEADER, f"Bearer {token}"),) if token else ()),
+        )
         self._channel = (
             grpc.secure_channel(coordinator, credentials, options=CHANNEL_OPTIONS)
             if credentials

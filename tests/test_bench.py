@@ -97,3 +97,20 @@ def test_rounds_to_accuracy_json_and_bytes_to_target() -> None:
     assert table["lss-int8"][1]["accuracy_mean"] == pytest.approx(0.45)
     assert table["fedavg"][2]["cumulative_mb"] == pytest.approx(400 / 1e6)
     assert "| lss-int8 | 10.0 (0.0) | 45.0 (7.1) | 60.0 (14.1) |" in rta.markdown(table)
+
+
+def test_coordinator_scale_rows_and_bytes_add_up():
+    """One tiny round: each silo's download and upload of the model, and nothing more, in the
+    round's payload counts; the row carries every figure the README table reads."""
+    out = run_bench("coordinator_scale.py", "--silos", "3", "--model", "mlp", "--processes", "1")
+    state = build_model({"name": "mlp"}).state_dict()
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    (row,) = out["rows"]
+    assert row["silos"] == 3
+    assert row["bytes_down_payload"] == row["bytes_up_payload"] == 3 * model_bytes
+    assert row["bytes_down_payload_received"] == 3 * model_bytes
+    assert row["bytes_up"] > row["bytes_up_payload"]  # framing and headers on top
+    assert row["peak_rss_mb"] >= row["idle_rss_mb"] > 0
+    assert row["round_seconds"] > 0
+    expected = (row["bytes_down"] + row["bytes_up"]) / 1e6 / row["round_seconds"]
+    assert row["mb_per_s"] == pytest.approx(expected, rel=0.01)

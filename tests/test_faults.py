@@ -170,12 +170,19 @@ def _check(cluster: Cluster, reference: dict) -> None:
         assert (final[name] == value).all(), f"{name} differs from the uninterrupted run"
 
 
-@pytest.mark.parametrize("point", ["aggregate:2", "checkpoint:2", "commit:2"])
+# Aggregation is killed in the LSS test below; "accepted:2:silo-1" right after silo-1's
+# round-2 upload was accepted (on disk, before its reply).
+@pytest.mark.parametrize("point", ["accepted:2:silo-1", "checkpoint:2", "commit:2"])
 def test_coordinator_killed_and_resumed_matches_uninterrupted(tmp_path, base, reference, point):
     cluster = Cluster(tmp_path, base[1], f"crash-{point.replace(':', '-')}")
     _run(cluster, coordinator_crash=point)
-    assert "resuming run" in cluster.log_text("coordinator")
+    coordinator = cluster.log_text("coordinator")
+    assert "resuming run" in coordinator
     assert "joining again" in cluster.log_text("silo-1")
+    # Uploads accepted before the crash count in the resumed round: silo-1 trains it once.
+    assert "round=2 silo=silo-1 upload kept from before the restart" in coordinator
+    assert cluster.log_text("silo-1").count("round=2 silo=silo-1 trained") == 1
+    assert not any((cluster.run_dir / "uploads").glob("*/*"))  # dropped once committed
     _check(cluster, reference)
 
 
@@ -187,7 +194,12 @@ def test_lss_delta_downlink_and_topk_feedback_resume_bit_exact(tmp_path, codec_r
     cluster = Cluster(tmp_path, config, "codec-crash")
     _run(cluster, coordinator_crash="aggregate:2")
     assert "resuming run" in cluster.log_text("coordinator")
-    assert cluster.log_text("silo-1").count("round=2 silo=silo-1 uploaded") == 2
+    # Both uploads were on disk: the resumed round aggregates them, nobody trains again.
+    for silo in SILOS:
+        assert f"round=2 silo={silo} upload kept from before the restart" in (
+            cluster.log_text("coordinator")
+        )
+    assert cluster.log_text("silo-1").count("round=2 silo=silo-1 uploaded") == 1
     _check(cluster, reference)
     records = read_jsonl(cluster.run_dir / "metrics.jsonl")
     assert all(r["codec_up"] == "topk0.1+int8" and r["delta_downlink"] for r in records)
