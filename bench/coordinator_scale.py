@@ -16,6 +16,7 @@ N = 100 within 1.5x of N = 5, throughput at N = 100 at least half of N = 5.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -97,10 +98,23 @@ def clients(port: int, silos: list[str], model: str) -> None:
     moved: dict[str, dict[str, int]] = {}
     errors: list[str] = []
 
+    def beat(silo_id: str, run_id: str, interval: float, done: threading.Event) -> None:
+        # As a real silo does from its own thread: a silo queued for a download slot is alive,
+        # and the coordinator closes a round early once every outstanding silo falls silent.
+        md = ((SILO_HEADER, silo_id),)
+        while not done.wait(interval):
+            with contextlib.suppress(grpc.RpcError):
+                stub.Heartbeat(
+                    cpb.HeartbeatRequest(silo_id=silo_id, run_id=run_id), metadata=md, timeout=10
+                )
+
     def silo(silo_id: str) -> None:
         md = ((SILO_HEADER, silo_id),)
+        done = threading.Event()
         try:
             join = stub.Join(cpb.JoinRequest(silo_id=silo_id, num_samples=100), metadata=md)
+            args = (silo_id, join.run_id, join.heartbeat_interval_s, done)
+            threading.Thread(target=beat, args=args, daemon=True).start()
             while True:
                 task = stub.GetTask(
                     cpb.TaskRequest(silo_id=silo_id, run_id=join.run_id), metadata=md, timeout=60
@@ -122,6 +136,8 @@ def clients(port: int, silos: list[str], model: str) -> None:
             moved[silo_id] = {"down_payload": down}
         except grpc.RpcError as exc:
             errors.append(f"{silo_id}: {exc.code().name} {exc.details()}")
+        finally:
+            done.set()
 
     threads = [threading.Thread(target=silo, args=(s,)) for s in silos]
     for t in threads:

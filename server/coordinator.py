@@ -775,9 +775,10 @@ class Coordinator:
             self._deadline = time.monotonic() + self.cfg.coordinator.round_deadline_s
             selected = sorted(self._selected)
             self._cond.notify_all()
-        self.store.set_phase(round_num, "train")
-        with self._progress_lock:
-            self.store.put(selected=json.dumps(selected), reported="[]")
+        with self._progress_lock:  # one write: a reader never sees the new round with old lists
+            self.store.put(
+                round=round_num, phase="train", selected=json.dumps(selected), reported="[]"
+            )
         log.info("round=%d opened for %s", round_num, ", ".join(selected))
         for silo in sorted(self._results):
             self.meter.add(round_num, silo, UP, *self._results[silo].bytes_up)
