@@ -21,8 +21,11 @@ MAX_METRICS = 32
 def peer_text(value: str, limit: int = MAX_PEER_TEXT) -> str:
     """``value`` with control and non-printable characters escaped (``\\n``, ``\\x1b``...) and
     cut to ``limit`` characters, a cut marked with ``...`` and the full length."""
-    escaped = value.encode("unicode_escape").decode("ascii") if not value.isprintable() else value
-    if len(escaped) <= limit:
+    # Escaping works character by character, so the first ``limit`` characters are all that
+    # can show: a 3 MiB string is not escaped whole on every Join.
+    head = value[:limit]
+    escaped = head.encode("unicode_escape").decode("ascii") if not head.isprintable() else head
+    if len(escaped) <= limit and len(value) <= limit:
         return escaped
     return f"{escaped[:limit]}...({len(value)} chars)"
 
