@@ -38,7 +38,6 @@ from lssfl.server.streams import (
     DOWNLOADS_AT_ONCE,
     STREAMS_PER_SILO,
     PeerLimits,
-    Refused,
     Slots,
     StreamWatch,
     Watched,
@@ -214,7 +213,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
                 if silo_id is not None:
                     self.gate.check(context, silo_id)
                 yield watched
-        except (RpcError, Refused) as exc:
+        except RpcError as exc:
             self.c.count_refusal(exc.code)
             context.abort(exc.code, str(exc))
         except grpc.RpcError:

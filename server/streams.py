@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import grpc
 
+from lssfl.server.coordinator import RpcError
+
 log = logging.getLogger("lssfl.service")
 T = TypeVar("T")
 
@@ -33,14 +35,6 @@ CALLS_PER_SILO = 6
 DOWNLOADS_AT_ONCE = 8
 
 
-class Refused(Exception):
-    """A call refused by a bound; ``code`` and the message go to the caller."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class PeerLimits:
     """Counts the calls each peer (silo id, or "" when unknown) has in progress."""
 
@@ -50,14 +44,14 @@ class PeerLimits:
 
     @contextlib.contextmanager
     def hold(self, peer: str, kind: str, limit: int) -> Iterator[None]:
-        """Count one call of ``kind`` for ``peer`` while the block runs; Refused
+        """Count one call of ``kind`` for ``peer`` while the block runs; RpcError
         (RESOURCE_EXHAUSTED) when ``peer`` already holds ``limit`` of them."""
         key = (peer, kind)
         with self._lock:
             held = self._counts.get(key, 0)
             if held >= limit:
                 who = f"silo {peer!r}" if peer else "callers without a silo identity"
-                raise Refused(
+                raise RpcError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"{who} already hold{'s' if peer else ''} {held} {kind} in progress "
                     f"(limit {limit})",
@@ -167,12 +161,12 @@ class Slots:
     @contextlib.contextmanager
     def take(self, w: Watched) -> Iterator[None]:
         """Hold one slot while the block runs, waiting for one (not counted as idleness of
-        the stream ``w``) until its hard end; Refused (RESOURCE_EXHAUSTED) if none frees."""
+        the stream ``w``) until its hard end; RpcError (RESOURCE_EXHAUSTED) if none frees."""
         w.paused = True
         try:
             while not self._sem.acquire(timeout=0.5):
                 if time.monotonic() > w.hard_end or w.tripped:
-                    raise Refused(
+                    raise RpcError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"all {self.slots} {self.what} slots stayed busy until the round's "
                         "deadline",
