@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -23,6 +25,29 @@ from lssfl.report.tables import COLUMNS, format_line, row
 from lssfl.server.store import read_status
 from lssfl.status import open_round_progress, round_progress
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``docker stop``, a service manager): stop as Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _die_with_launcher(launcher_pid: int) -> Callable[[], None]:
+    """What a child runs before exec on Linux: SIGTERM when the launcher dies, even by
+    SIGKILL, so that no coordinator or silo outlives it unattended."""
+
+    def arm() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != launcher_pid:  # it died before the line above
+            os._exit(128 + signal.SIGTERM)
+
+    return arm
+
 
 class _Proc:
     def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str]) -> None:
@@ -35,6 +60,7 @@ class _Proc:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            preexec_fn=_die_with_launcher(os.getpid()),  # noqa: PLW1509 - one thread here
         )
 
     def tail(self, lines: int = 5) -> str:
@@ -134,7 +160,9 @@ def new_run_dir(cfg: RunConfig) -> Path:
 
 
 def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> int:
-    """``lssfl run``: coordinator and silos as processes until the run ends; exit code."""
+    """``lssfl run``: coordinator and silos as processes until the run ends; exit code
+    (130 after Ctrl-C, 143 after SIGTERM, both of which stop every process first)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     run_dir = run_dir or new_run_dir(cfg)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -209,8 +237,8 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
         report = run_dir / "report.html" if code == 0 else write_report(run_dir)
         print(f"report: {report}\nmetrics: {run_dir / 'metrics.jsonl'}\nlogs: {logs}/")
         return code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("\ninterrupted: stopping coordinator and silos", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
         _stop_all(procs)

@@ -79,6 +79,9 @@ class Watched:
     last: float
     epoch: int  # rounds closed when it opened
     paused: bool = False  # waiting on the coordinator (an upload slot), not on the peer
+    # Every message is in: what is left (checks, the write to disk) is the coordinator's work,
+    # and an accepted upload must not be cancelled by a round that closed on its account.
+    read: bool = False
     tripped: str = ""  # why the watch cancelled it
 
     def touch(self) -> None:
@@ -88,7 +91,8 @@ class Watched:
 
 class StreamWatch:
     """One thread that cancels streams idle for ``idle_s``, past their hard end, or opened
-    before the last round closed (``rounds_closed()`` counts closes)."""
+    before the last round closed (``rounds_closed()`` counts closes), unless the peer has sent
+    all it had to."""
 
     def __init__(self, idle_s: float, rounds_closed: Callable[[], int]) -> None:
         self.idle_s = idle_s
@@ -118,7 +122,7 @@ class StreamWatch:
         cancelled = []
         closed = self.rounds_closed()
         for w in watched:
-            if w.tripped:
+            if w.tripped or w.read:
                 continue
             if now > w.hard_end:
                 w.tripped = "past the round's deadline"
@@ -144,10 +148,11 @@ class StreamWatch:
 
 
 def watched_messages(messages: Iterator[T], w: Watched) -> Iterator[T]:
-    """``messages``, noting each as movement of the watched stream."""
+    """``messages``, noting each as movement of the watched stream, and its end."""
     for msg in messages:
         w.touch()
         yield msg
+    w.read = True
 
 
 class Slots:

@@ -60,7 +60,17 @@ log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")
 Images = Tensor | LazyImages
 
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Answers after which the silo asks again (with backoff) instead of stopping: the coordinator is
+# unreachable or slow, or it turned a call away for now: a stream cancelled by its watchdog or
+# its round's close (CANCELLED), a silo over its per-peer bounds (RESOURCE_EXHAUSTED), a call
+# cut short (ABORTED). A daemon next to a dataset outlives them all.
+RETRY_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+)
 # Defaults of `lssfl silo --max-epochs / --max-model-mb`: what a task may ask of this silo.
 MAX_EPOCHS = 1000
 MAX_MODEL_MB = 4096.0
@@ -334,7 +344,12 @@ class SiloDaemon:
                     "silo=%s %s: %s; retrying in %.1f s",
                     self.silo_id,
                     what,
-                    suspected or f"coordinator unavailable ({code.name})",
+                    suspected
+                    or (
+                        f"coordinator unavailable ({code.name})"
+                        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                        else f"{code.name}: {_said(exc)}"
+                    ),
                     delay,
                 )
                 time.sleep(delay * (0.5 + random.random()))
@@ -425,13 +440,14 @@ class SiloDaemon:
                 except grpc.RpcError as exc:
                     if exc.code() not in RETRY_CODES:
                         raise
-                    # Lost the coordinator mid-round: ask again; if the round is still open
-                    # it hands out the same task.
+                    # Lost the coordinator mid-round, or it cut a stream short: ask again; if
+                    # the round is still open it hands out the same task.
                     log.warning(
-                        "silo=%s round=%d interrupted: %s",
+                        "silo=%s round=%d interrupted: %s: %s",
                         self.silo_id,
                         self.round,
                         exc.code().name,
+                        _said(exc),
                     )
                     time.sleep(1.0)
                 except _Rejoin as exc:

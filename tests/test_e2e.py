@@ -1,5 +1,6 @@
 """End to end with real OS processes: coordinator and silos over loopback gRPC."""
 
+import contextlib
 import json
 import os
 import re
@@ -224,7 +225,20 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def test_ctrl_c_stops_coordinator_and_silos(tmp_path, write_config):
+def _default_sigint() -> None:
+    # A test run started in the background (nohup, `&`) ignores SIGINT, and so would the
+    # launcher: Python installs its Ctrl-C handler only where SIGINT is not ignored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -signal.SIGKILL)],
+    ids=["ctrl-c", "sigterm", "sigkill"],
+)
+def test_stopping_the_launcher_stops_coordinator_and_silos(tmp_path, write_config, signum, code):
+    """Ctrl-C and SIGTERM stop every process and say so; a launcher killed outright takes
+    its coordinator and silos with it (Linux: they get SIGTERM when it dies)."""
     config = write_config(run={"rounds": 500}, model={"init": "random"})
     run_dir = tmp_path / "runs" / "interrupted"
     out = open(tmp_path / "launcher.out", "wb")  # noqa: SIM115
@@ -232,19 +246,22 @@ def test_ctrl_c_stops_coordinator_and_silos(tmp_path, write_config):
         lssfl_cmd("run", "--config", str(config), "--run-dir", str(run_dir)),
         stdout=out,
         stderr=subprocess.STDOUT,
+        preexec_fn=_default_sigint,
     )
     try:
         wait_for(lambda: len(_read(run_dir / "metrics.jsonl").splitlines()) >= 2, 120, "round 1")
         assert len(_processes_mentioning(str(tmp_path))) == 5  # launcher, coordinator, 3 silos
-        launcher.send_signal(signal.SIGINT)
-        assert launcher.wait(30) == 130
+        launcher.send_signal(signum)
+        assert launcher.wait(30) == code
+        wait_for(lambda: not _processes_mentioning(str(tmp_path)), 30, "children to exit")
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        for pid in _processes_mentioning(str(tmp_path)):  # none left running for other tests
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out.close()
-    assert "interrupted: stopping coordinator and silos" in _read(tmp_path / "launcher.out")
+    said = _read(tmp_path / "launcher.out")
+    assert ("interrupted: stopping coordinator and silos" in said) == (signum != signal.SIGKILL)
     assert "stopped before the end of the run" in _read(run_dir / "logs" / "coordinator.log")
-    wait_for(lambda: not _processes_mentioning(str(tmp_path)), 10, "children to exit")
     # What was finished is kept: every line of metrics.jsonl is whole.
     assert all(
         json.loads(line)["round"] >= 0 for line in _read(run_dir / "metrics.jsonl").splitlines()

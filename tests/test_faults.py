@@ -111,7 +111,9 @@ def _run(
         if kill:
             kill(cluster)
         if silo_crash:
-            assert cluster.wait("silo-2") == -signal.SIGKILL
+            assert cluster.wait("silo-2") == -signal.SIGKILL, cluster.log_text(
+                "silo-2"
+            ) + cluster.log_text("coordinator")
             cluster.silo("silo-2")  # it comes back after the crash
         code = cluster.wait("coordinator", 180)
         if coordinator_crash or kill:

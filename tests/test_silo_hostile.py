@@ -155,3 +155,61 @@ def test_silo_refuses_hostile_tasks_in_one_line_and_keeps_serving(data, caplog):
     refused = [r.getMessage() for r in caplog.records if "task refused" in r.getMessage()]
     assert len(refused) == 10 and all("\n" not in m for m in refused)
     assert not any(r.exc_info for r in caplog.records)
+
+
+class TurningAway(HostileCoordinator):
+    """Turns each kind of call away once (as the real coordinator's bounds and stream
+    watchdog do) before serving it."""
+
+    def __init__(self, rounds):
+        super().__init__(rounds)
+        self.turned: list[str] = []
+
+    def _once(self, what, code, context):
+        if what not in self.turned:
+            self.turned.append(what)
+            context.abort(code, f"{what} turned away for now")
+
+    def GetTask(self, request, context):
+        self._once("task", grpc.StatusCode.RESOURCE_EXHAUSTED, context)
+        return super().GetTask(request, context)
+
+    def DownloadModel(self, request, context):
+        self._once("download", grpc.StatusCode.CANCELLED, context)
+        yield from super().DownloadModel(request, context)
+
+    def UploadResult(self, request_iterator, context):
+        self._once("upload", grpc.StatusCode.ABORTED, context)
+        return super().UploadResult(request_iterator, context)
+
+
+def test_silo_asks_again_after_a_call_turned_away(data, caplog):
+    """Over its per-peer bounds, or with a stream cancelled by the coordinator's watchdog, a
+    silo backs off and asks again; it does not stop."""
+    caplog.set_level(logging.INFO, "lssfl.silo")
+    good = build_model(MODEL).state_dict()
+    coordinator = TurningAway([(MODEL, TRAINER, lambda r: _model_stream(r, good))])
+    server, port = _serve(coordinator)
+    daemon = SiloDaemon(f"127.0.0.1:{port}", "s1", data, torch.device("cpu"), max_wait_s=10)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            daemon.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        server.stop(0).wait()
+    assert errors == []
+    assert coordinator.turned == ["task", "download", "upload"]
+    assert coordinator.uploads == [1] and coordinator.failures == {}
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("RESOURCE_EXHAUSTED: task turned away for now" in m for m in said), said
+    assert any("interrupted: CANCELLED: download turned away for now" in m for m in said), said
+    assert any("interrupted: ABORTED: upload turned away for now" in m for m in said), said

@@ -134,6 +134,31 @@ def test_a_slow_drip_upload_is_cancelled_when_its_round_closes(tmp_path, caplog)
         h.close()
 
 
+def test_an_upload_read_whole_is_not_cancelled_by_the_round_it_closed(tmp_path):
+    """The last upload of a round closes it; while the coordinator still writes what that
+    upload changed (a slow disk), the watchdog sees its round closed. The silo, whose upload
+    was read whole and accepted, gets its reply, not CANCELLED."""
+    state = {"w": torch.randn(64), "n": torch.tensor(3)}
+    h = Harness(tmp_path, state, deadline=60, stream_idle_timeout_s=0.4, silos_per_round=1)
+    put = h.store.put
+
+    def slow_put(**values):
+        if "reported" in values:
+            time.sleep(1.5)  # several looks of the watchdog (every 0.1 s here)
+        put(**values)
+
+    h.store.put = slow_put
+    try:
+        h.join("s1")
+        h.open_round()
+        reply = _upload(h.stub, _download(h.stub, "s1").state, "s1")
+        assert reply.accepted
+        h.thread.join(10)
+        assert h.coordinator.rounds_closed == 1
+    finally:
+        h.close()
+
+
 def test_an_oversized_tensor_is_refused_after_its_spec_before_its_data(tmp_path):
     state = {"w": torch.randn(8, 80), "n": torch.tensor(3)}  # 2.5 KB
     h = Harness(tmp_path, state, deadline=60)
