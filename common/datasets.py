@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lssfl.common.logs import one_line
 from lssfl.common.splits import IMAGENET_MEAN, IMAGENET_STD, DataError
 
 # A published dataset's own train or test part (not a split folder, lssfl.common.splits.Split).
@@ -133,11 +134,6 @@ def has_test_split(name: str, root: Path) -> bool:
 # --------------------------------------------------------------------------- torchvision sets
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _construct(what: str, root: Path, download: bool, make: Callable[[], Any]) -> Any:
     """Run a torchvision constructor, turning its many failure types into one DataError."""
     try:
@@ -146,8 +142,8 @@ def _construct(what: str, root: Path, download: bool, make: Callable[[], Any]) -
         raise
     except Exception as exc:  # torchvision raises assert/Runtime/Type/OSError for bad files
         if download:
-            raise DataError(f"{what}: could not download to {root}: {_one_line(exc)}") from None
-        raise DataError(f"{what} under {root}: unreadable or corrupt: {_one_line(exc)}") from None
+            raise DataError(f"{what}: could not download to {root}: {one_line(exc)}") from None
+        raise DataError(f"{what} under {root}: unreadable or corrupt: {one_line(exc)}") from None
 
 
 def _require_files(what: str, root: Path, paths: list[Path], download: bool) -> None:
@@ -196,7 +192,7 @@ def _gunzip_if_needed(path: Path) -> None:
         tmp.replace(path)
     except (OSError, EOFError) as exc:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{gz}: cannot unpack to {path}: {_one_line(exc)}") from None
+        raise DataError(f"{gz}: cannot unpack to {path}: {one_line(exc)}") from None
 
 
 def _read_cifar10(root: Path, split: DatasetPart, download: bool) -> _Raw:
@@ -358,7 +354,7 @@ def _read_images(paths: list[Path], image_size: int | None, channels: int) -> to
                     img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable image: {_one_line(exc)}") from None
+            raise DataError(f"{path}: unreadable image: {one_line(exc)}") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if out is None:

@@ -32,3 +32,13 @@ def also_log_to(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
     root.addHandler(handler)
+
+
+def one_line(exc: BaseException, limit: int = 300, typed: bool = False) -> str:
+    """``exc``'s message for a one-line error: whitespace folded (a traceback-like message
+    stays on its line), cut to ``limit`` characters; prefixed with its type when ``typed``
+    (for errors from code we do not own, where the type says more than the message)."""
+    text = " ".join(str(exc).split())
+    if typed or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

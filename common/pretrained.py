@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lssfl.common.logs import one_line
+
 ARCHITECTURES = ("resnet18", "resnet50")
 HEAD = "fc"
 # Present in torchvision's own modules but absent from many saved checkpoints (older
@@ -44,10 +46,6 @@ def _architecture(name: str):  # -> (builder, ImageNet weights enum member)
     raise ValueError(f"unknown pretrained architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for ``name`` (from the torch hub cache, else downloaded)."""
     _, weights = _architecture(name)
@@ -63,7 +61,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         )
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; hash mismatch a Runtime
         raise WeightsError(
-            f"could not fetch the ImageNet weights for {name} ({_one_line(exc)}): on a machine "
+            f"could not fetch the ImageNet weights for {name} ({one_line(exc)}): on a machine "
             f"with internet download {weights.url} and copy {filename} into {cache} here (or set "
             "TORCH_HOME), or pass the path of a local .safetensors/.pth weights file instead"
         ) from None
@@ -91,7 +89,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as exc:  # both loaders raise several types for corrupt files
-        raise WeightsError(f"{path}: unreadable weights file: {_one_line(exc)}") from None
+        raise WeightsError(f"{path}: unreadable weights file: {one_line(exc)}") from None
     if isinstance(obj, Mapping) and not _all_tensors(obj):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lssfl.common.logs import one_line
 from lssfl.common.splits import (
     DATA_FILE,
     IMAGENET_MEAN,
@@ -150,7 +151,7 @@ class ImageFolderImages(LazyImages):
         except DataError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
-            raise DataError(f"{root}: not a readable image folder: {_one_line(exc)}") from None
+            raise DataError(f"{root}: not a readable image folder: {one_line(exc)}") from None
         if not self.dataset.samples:
             raise DataError(f"no images found under {root}: expected {root}/<class>/*.png|jpg")
         self.labels = torch.tensor(self.dataset.targets, dtype=torch.int64)
@@ -162,7 +163,7 @@ class ImageFolderImages(LazyImages):
         try:
             image = self.dataset.loader(path)
         except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable image: {_one_line(exc)}") from None
+            raise DataError(f"{path}: unreadable image: {one_line(exc)}") from None
         return self.dataset.transform(image)
 
     def _read(self, items: list[int]) -> Tensor:
@@ -292,7 +293,7 @@ def _split_folder(folder: Path) -> SiloData:
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, DataError):
             raise
-        raise DataError(f"{folder / DATA_FILE}: malformed header: {_one_line(exc)}") from None
+        raise DataError(f"{folder / DATA_FILE}: malformed header: {one_line(exc)}") from None
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise DataError(f"{folder / DATA_FILE}: labels out of range [0, {num_classes})")
     return SiloData(x, y, num_classes, "uint8 on disk, read per batch")
@@ -307,7 +308,7 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
                 raise DataError(f"{path}: header of {size} bytes is not a split's")
             header = json.loads(f.read(size))
     except (OSError, struct.error, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt: {_one_line(exc)}") from None
+        raise DataError(f"{path}: unreadable or corrupt: {one_line(exc)}") from None
     if not isinstance(header, dict) or "x" not in header or "y" not in header:
         raise DataError(f"{path}: must hold tensors 'x' and 'y'")
     return header, 8 + size
@@ -338,7 +339,7 @@ def _declared_classes(folder: Path, classes_file: Path | None) -> list[str]:
     try:
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: unreadable class list: {_one_line(exc)}") from None
+        raise DataError(f"{path}: unreadable class list: {one_line(exc)}") from None
     names = [n for n in names if n]
     if not names or len(names) > MAX_CLASSES or len(set(names)) != len(names):
         raise DataError(f"{path}: the class list must name 1 to {MAX_CLASSES} distinct classes")
@@ -356,8 +357,3 @@ def check_num_classes(data: SiloData, model_classes: int | None) -> None:
             f"the silo's data has {data.num_classes} classes but the model outputs "
             f"{model_classes}: declare the same classes on every silo and in model.kwargs"
         )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]

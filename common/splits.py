@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from lssfl.common.files import atomic_save_tensors, atomic_write
+from lssfl.common.logs import one_line
 
 DATA_FILE = "data.safetensors"
 META_FILE = "meta.json"
@@ -68,10 +69,6 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _check_tensors(
@@ -154,7 +151,7 @@ def _load_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{meta_path}: unreadable meta.json: {_one_line(exc)}") from None
+        raise DataError(f"{meta_path}: unreadable meta.json: {one_line(exc)}") from None
     if not isinstance(meta, dict):
         raise DataError(f"{meta_path}: meta.json must hold a JSON object")
     return meta
@@ -175,7 +172,7 @@ def load_split(directory: str | os.PathLike[str]) -> Split:
     try:
         tensors = load_file(str(data_path))
     except Exception as exc:  # safetensors raises several types for corrupt input
-        raise DataError(f"{data_path}: unreadable or corrupt: {_one_line(exc)}") from None
+        raise DataError(f"{data_path}: unreadable or corrupt: {one_line(exc)}") from None
     for key in ("x", "y"):
         if key not in tensors:
             have = ", ".join(sorted(tensors)) or "none"

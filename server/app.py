@@ -15,7 +15,7 @@ import yaml
 from lssfl.common.config import ConfigError, RunConfig
 from lssfl.common.dataroot import prepare_data_root, with_evaluation_resolved
 from lssfl.common.files import atomic_write
-from lssfl.common.logs import also_log_to
+from lssfl.common.logs import also_log_to, one_line
 from lssfl.common.models import build_model, evaluate, head_linear
 from lssfl.common.rpc import ADDRESS_FILE
 from lssfl.common.splits import load_split
@@ -49,6 +49,12 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
 
 
 def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | None) -> int:
+    data = prepare_data_root(cfg)
+    data_spec = _data_spec(cfg, data.test_dir)
+    problem = _model_problem(cfg, data_spec)
+    if problem:  # before the folder records this config: a corrected one may use it
+        log.error("%s", problem)
+        return 2
     identity = json.dumps(run_identity(cfg), sort_keys=True)
     stored = store.get("identity")
     if stored is None:
@@ -70,7 +76,6 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
     store.save_config(yaml.safe_dump(effective_config(cfg), sort_keys=False))
     # Only now: a folder refused above is left exactly as it was.
     also_log_to(run_dir / "logs" / "coordinator.log")
-    data = prepare_data_root(cfg)
     board = TensorBoardLog(run_dir) if cfg.run.tensorboard else None
     coordinator = Coordinator(
         cfg,
@@ -78,7 +83,7 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
         initial_state(cfg, data.pretrain_dir),
         None if cfg.evaluation.where == "silos" else _test_evaluator(cfg, data.test_dir),
         run_id=store.get("run_id"),
-        data_spec=_data_spec(cfg, data.test_dir),
+        data_spec=data_spec,
         on_round=board.add if board else None,
     )
     metrics_server = None
@@ -131,6 +136,24 @@ def _data_spec(cfg: RunConfig, test_dir: Path) -> DataSpec | None:
     except ValueError:
         classes = 0
     return tuple(load_split(test_dir).x.shape[1:]), classes
+
+
+def _model_problem(cfg: RunConfig, spec: DataSpec | None) -> str | None:
+    """Why the configured model cannot take this run's samples (one zero sample through it,
+    before any pre-training or serving), or None; unchecked without a sample shape."""
+    if spec is None:
+        return None
+    shape = list(spec[0])
+    model = build_model(cfg.model_spec).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except Exception as exc:  # a site's model or torchvision's: anything it raises
+        return (
+            f"model {cfg.model.name!r} does not take this run's samples of shape {shape}: "
+            f"{one_line(exc, typed=True)}"
+        )
+    return None
 
 
 def _test_evaluator(

@@ -25,6 +25,7 @@ from lssfl import __version__
 from lssfl.common.codecs import CodecError, ErrorFeedback, parse_codec
 from lssfl.common.config import ConfigError
 from lssfl.common.faults import crash_point
+from lssfl.common.logs import one_line
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.peertext import MAX_PEER_REASON, peer_text
 from lssfl.common.plugins import check_allowed, is_import_path
@@ -107,11 +108,6 @@ def _said(exc: grpc.RpcError) -> str:
     return peer_text(exc.details() or exc.code().name, MAX_PEER_REASON)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return peer_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 300)
-
-
 def check_task(
     task: cpb.Task, allowed_plugins: Collection[str], max_epochs: int, max_model_mb: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -124,7 +120,9 @@ def check_task(
         model_spec = json.loads(task.model_json)
         trainer = json.loads(task.trainer_json)
     except ValueError as exc:
-        raise TaskRefused(f"task JSON does not parse: {_one_line(exc)}") from None
+        raise TaskRefused(
+            f"task JSON does not parse: {peer_text(one_line(exc, typed=True), 300)}"
+        ) from None
     if not isinstance(model_spec, dict) or not isinstance(trainer, dict):
         raise TaskRefused("task model and trainer must be JSON objects")
     check_allowed(str(model_spec.get("name")), allowed_plugins, "model")
@@ -601,7 +599,9 @@ class SiloDaemon:
             metrics = trainer.train(model, as_tensor(x), y, seed=task.seed)
         except Exception as exc:  # data that does not fit the model, a trainer bug...
             log.debug("training failed", exc_info=True)
-            raise TaskRefused(f"local training failed: {_one_line(exc)}") from None
+            raise TaskRefused(
+                f"local training failed: {peer_text(one_line(exc, typed=True), 300)}"
+            ) from None
         if not isinstance(metrics, dict) or not all(
             isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
             for k, v in metrics.items()

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 
 import numpy as np
@@ -210,6 +211,24 @@ def test_errors_are_one_line_without_traceback(tmp_path, write_config):
     proc = run_lssfl("run", "--config", str(tmp_path / "absent.yaml"))
     assert proc.returncode == 2 and proc.stderr.startswith("lssfl: error: cannot read config")
     assert os.path.exists(tmp_path) and "Traceback" not in proc.stderr
+
+
+def test_a_model_that_does_not_take_the_data_is_one_line_before_serving(tmp_path, write_config):
+    """A model whose input does not match the samples (a torchvision ViT on 16x16 images
+    raised a 40-line traceback in the first evaluation) is refused before the coordinator
+    serves or pre-trains, and before the folder records the config: the corrected config
+    may use the same folder."""
+    config = write_config(model={"name": "mlp", "kwargs": {"in_features": 12}, "init": "pretrain"})
+    run_dir = tmp_path / "runs" / "wrong-model"
+    proc = run_lssfl("coordinator", "--config", str(config), "--run-dir", str(run_dir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.endswith(
+        "ERROR   coordinator model 'mlp' does not take this run's samples of shape [3, 16, 16]: "
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x768 and 12x128)"
+    ), line
+    with contextlib.closing(sqlite3.connect(run_dir / "state.db")) as db:
+        assert db.execute("SELECT value FROM run WHERE key = 'identity'").fetchall() == []
 
 
 def _processes_mentioning(text: str) -> list[int]:
