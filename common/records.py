@@ -71,7 +71,9 @@ class SiloRound:
     """One silo's part in a round: what it answered, what it cost in bytes each way."""
 
     silo_id: str
-    status: str  # "ok" (answered), "missing" (selected, no answer in time), "idle"
+    # "ok" (answered), "failed" (reported it could not do the task: ``failure`` says why),
+    # "missing" (selected, no answer in time), "idle" (not selected, or only metered)
+    status: str
     num_samples: int
     bytes_down: int  # serialized protobuf messages, as handed to gRPC
     bytes_up: int
@@ -81,6 +83,7 @@ class SiloRound:
     bytes_up_payload: int
     train_seconds: float | None  # None: no answer
     train_metrics: dict[str, float] = field(default_factory=dict)  # train_<name>: value
+    failure: str | None = None  # the reason a "failed" silo reported (ReportFailure)
 
     def to_dict(self) -> dict[str, Any]:
         """The silo's JSON object: the fixed keys, then ``train_metrics`` flattened in."""
@@ -98,7 +101,7 @@ class SiloRound:
             for k, v in d.items()
             if k not in fixed and k.startswith("train_") and isinstance(v, int | float)
         }
-        return cls(**{k: d[k] for k in fixed}, train_metrics=metrics)
+        return cls(**{k: d[k] for k in fixed if k in d}, train_metrics=metrics)
 
 
 @dataclass

@@ -958,7 +958,7 @@ class Coordinator:
             silos.append(
                 SiloRound(
                     silo_id=silo,
-                    status="ok" if r else ("missing" if silo in missing else "idle"),
+                    status="ok" if r else self._silo_status(silo, missing),
                     num_samples=r.num_samples if r else self._silos[silo].num_samples,
                     bytes_down=down.bytes,
                     bytes_up=up.bytes,
@@ -970,6 +970,7 @@ class Coordinator:
                     train_metrics={
                         k if k.startswith("train_") else f"train_{k}": v for k, v in metrics.items()
                     },
+                    failure=None if r else self._failed.get(silo),
                 )
             )
         bytes_down = sum(s.bytes_down for s in silos)
@@ -1017,6 +1018,12 @@ class Coordinator:
             bytes_up / 1e6,
             seconds,
         )
+
+    def _silo_status(self, silo: str, missing: list[str]) -> str:
+        """A round's record status for a silo without a result in it."""
+        if silo not in missing:
+            return "idle"
+        return "failed" if silo in self._failed else "missing"
 
     def _finish(self, grace_s: float = 10.0) -> None:
         """Tell every live silo the run is over (they exit on DONE), waiting a little."""

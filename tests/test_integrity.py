@@ -187,6 +187,10 @@ def test_failure_report_stops_the_wait_for_that_silo(harness, caplog):
     # Metered like every call: s2's only traffic in round 1 is this report and its reply.
     s2 = {s["silo_id"]: s for s in record["silos"]}["s2"]
     assert (s2["bytes_up"], s2["bytes_down"]) == (report.ByteSize(), 2)
+    # Recorded as what it was, with the reason (one line, bounded), not as a silo gone missing.
+    assert s2["status"] == "failed" and s2["failure"].startswith("data does not fit the model zz")
+    assert len(s2["failure"]) < 500
+    assert {s["silo_id"]: s for s in record["silos"]}["s1"]["failure"] is None
     lines = [r.getMessage() for r in caplog.records]
     reported = [m for m in lines if m.startswith("round=1 silo=s2 reported a failure")]
     assert len(reported) == 1 and "\n" not in reported[0] and len(reported[0]) < 500

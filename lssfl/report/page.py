@@ -138,7 +138,11 @@ def _silos_html(run: Run) -> str:
             tot[sid][1] += up
             status = s.status
             bad = rec.round > 0 and status not in ("ok", None)
-            cells.append(f"{down:.3f} / {up:.3f}" + (f" ({_e(status)})" if bad else ""))
+            # A failed silo's reason (it reported it) shows on hover: too long for a cell.
+            label = (
+                f'<span title="{_e(s.failure)}">{_e(status)}</span>' if s.failure else _e(status)
+            )
+            cells.append(f"{down:.3f} / {up:.3f}" + (f" ({label})" if bad else ""))
             f.append(bad)
         rows.append(cells)
         flags.append(f)

@@ -162,7 +162,7 @@ def _bytes_heatmap(runs: Sequence[Run], silos: list[str], path: Path) -> Path:
             ys, xs = np.nonzero(bad)
             if len(xs):
                 ax.scatter(np.array(rounds)[xs], ys, marker="x", color="#d62728", s=30, lw=1.5,
-                           label="no model back (missing / idle)")  # fmt: skip
+                           label="no model back (missing / failed / idle)")  # fmt: skip
                 ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
         ax.set_yticks(range(len(silos)), silos, fontsize=8 if len(silos) > 12 else 9)
         ax.set_title(run.label, fontsize=10, loc="left")
@@ -243,7 +243,7 @@ def plot_bytes_per_silo(runs: Sequence[Run], path: Path) -> Path:
     labels += ["down (model to silo)", "up (update from silo)"]
     if "missing" in flags:
         handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="///"))
-        labels.append("missing / idle (no model back)")
+        labels.append("missing / failed / idle (no model back)")
     if "absent" in flags:
         handles.append(Line2D([], [], ls="none", marker="x", color="#d62728"))
         labels.append("absent (no traffic)")
