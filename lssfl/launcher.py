@@ -115,6 +115,34 @@ class _RoundProgress:
         sys.stdout.flush()
 
 
+class _Rows:
+    """Each committed round's row, once; and, for a round whose accuracy the silos measure
+    when the next round starts (evaluation at the silos), a line when it arrives."""
+
+    def __init__(self, progress: _RoundProgress) -> None:
+        self.progress = progress
+        self.printed = 0
+        self.pending: set[int] = set()  # rounds shown with "-", silos' figures to come
+
+    def show(self, records: list[RoundRecord]) -> None:
+        """Print what ``records`` (all of metrics.jsonl) hold that was not printed yet."""
+        for rec in records[: self.printed]:
+            if rec.round in self.pending and rec.silo_accuracy is not None:
+                self.pending.discard(rec.round)
+                held_out = sum(e.num_samples for e in rec.evaluations)
+                print(
+                    f"round {rec.round}: silos measured accuracy={rec.silo_accuracy:.4f} "
+                    f"loss={rec.silo_loss:.4f} on {held_out} held-out samples",
+                    flush=True,
+                )
+        for rec in records[self.printed :]:
+            self.progress.finish(rec)
+            print(format_line(row(rec)), flush=True)
+            if rec.evaluation != "coordinator" and rec.silo_accuracy is None:
+                self.pending.add(rec.round)
+        self.printed = len(records)
+
+
 def _stop_all(procs: list[_Proc], grace_s: float = 5.0) -> None:
     for p in procs:
         if p.popen.poll() is None:
@@ -206,15 +234,10 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
             procs.append(_Proc(silo, args, logs / f"{silo}.log", silo_env))
 
         print(format_line(COLUMNS), flush=True)
-        printed = 0
-        progress = _RoundProgress(run_dir)
+        rows = _Rows(_RoundProgress(run_dir))
         while True:
-            records = read_metrics(run_dir)
-            for rec in records[printed:]:
-                progress.finish(rec)
-                print(format_line(row(rec)), flush=True)
-            printed = len(records)
-            progress.update()
+            rows.show(read_metrics(run_dir))
+            rows.progress.update()
             for p in procs[1:]:
                 code = p.popen.poll()
                 if code not in (None, 0) and p.name not in reported:
@@ -223,9 +246,7 @@ def launch(cfg: RunConfig, config_path: Path, run_dir: Path | None = None) -> in
             if coord.popen.poll() is not None:
                 break
             time.sleep(0.2)
-        for rec in read_metrics(run_dir)[printed:]:
-            progress.finish(rec)
-            print(format_line(row(rec)), flush=True)
+        rows.show(read_metrics(run_dir))
         code = coord.popen.returncode
         if code != 0:
             print(f"coordinator exited with code {code}:\n{coord.tail()}", file=sys.stderr)

@@ -176,6 +176,16 @@ def test_lssfl_run_on_folders_without_a_test_split_is_evaluated_at_the_silos(
         "silo-1": n1 - round(0.2 * n1),
         "silo-2": load_split(root / "silo-2").num_samples,
     }
+    # Round 0's row is printed when it commits, its accuracy pending ("-"); the console says
+    # the figures when the silos' measures arrive with round 1.
+    r0 = records[0]
+    held_out = sum(e["num_samples"] for e in r0["evaluations"])
+    late = (
+        f"round 0: silos measured accuracy={r0['silo_accuracy']:.4f} "
+        f"loss={r0['silo_loss']:.4f} on {held_out} held-out samples\n"
+    )
+    row0 = next(line for line in proc.stdout.splitlines() if line.split()[:1] == ["0"])
+    assert row0.split()[1] == "-" and proc.stdout.index(row0) < proc.stdout.index(late)
     report = (run_dir / "report.html").read_text()
     assert "Evaluation at the silos" in report
     silo_log = (run_dir / "logs" / "silo-2.log").read_text()
