@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
@@ -37,6 +38,7 @@ from lssfl.server.streams import (
     CALLS_PER_SILO,
     DOWNLOADS_AT_ONCE,
     STREAMS_PER_SILO,
+    CallerPools,
     PeerLimits,
     Slots,
     StreamWatch,
@@ -137,11 +139,18 @@ def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 class CallerCheck(grpc.ServerInterceptor):
     """Refuses calls with a wrong or missing token, or from an unknown silo, before the call
-    is handed to a server thread (interceptors run on gRPC's dispatching thread)."""
+    is handed to a server thread (interceptors run on gRPC's dispatching thread), and hands
+    the others to their caller's own threads."""
 
-    def __init__(self, gate: Gatekeeper, count_refusal: Callable[[grpc.StatusCode], None]) -> None:
+    def __init__(
+        self,
+        gate: Gatekeeper,
+        count_refusal: Callable[[grpc.StatusCode], None],
+        pools: CallerPools,
+    ) -> None:
         self.gate = gate
         self.count_refusal = count_refusal
+        self.pools = pools
 
     def intercept_service(
         self,
@@ -152,12 +161,13 @@ class CallerCheck(grpc.ServerInterceptor):
         if not handler_call_details.method.startswith(f"/{SERVICE}/"):
             return continuation(handler_call_details)  # the health service
         try:
-            self.gate.caller(dict(handler_call_details.invocation_metadata))
+            caller = self.gate.caller(dict(handler_call_details.invocation_metadata))
         except RpcError as exc:
             log.warning("refused %s: %s", handler_call_details.method.rsplit("/", 1)[-1], exc)
             self.count_refusal(exc.code)
             return _refusal(exc.code, str(exc))
-        return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        return None if handler is None else self.pools.route(caller, handler)
 
 
 def _upload_slots(coordinator: Coordinator) -> Slots:
@@ -365,16 +375,19 @@ def serve(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, 
     """Start the service; returns the server and the port it bound (``port=0``: any free)."""
     _return_freed_buffers()
     servicer = CoordinatorServicer(coordinator)
-    # Enough threads for every silo at its bound, the unidentified callers at theirs and the
-    # health service: a peer at its bound is refused at once, and cannot starve the others.
-    workers = CALLS_PER_SILO * len(coordinator.cfg.silos) + servicer.unidentified_calls + 4
+    # Each silo's calls run on its own threads, as many as its bound, and the unidentified
+    # callers' on theirs: a peer at its bound is refused at once, and one that holds its
+    # threads (even with requests it never sends) cannot starve the others. gRPC's own pool
+    # is left the health service and the refusals, which end at once.
+    pools = CallerPools(coordinator.cfg.silos, CALLS_PER_SILO, servicer.unidentified_calls)
     # No SO_REUSEPORT: with it a second coordinator binds the same port and the kernel splits
     # the silos' connections between the two.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers),
-        interceptors=[CallerCheck(servicer.gate, coordinator.count_refusal)],
+        futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=[CallerCheck(servicer.gate, coordinator.count_refusal, pools)],
         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
     )
+    weakref.finalize(server, pools.close)
     add_coordinator_servicer(servicer, server)
     # The standard gRPC health service, for load balancers and container health checks.
     health_servicer = health.HealthServicer()

@@ -15,8 +15,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -183,3 +184,48 @@ class Slots:
             yield
         finally:
             self._sem.release()
+
+
+class _OnPool:
+    """A handler's behavior marked to run on ``pool`` (grpcio's per-handler thread pool,
+    read by ``grpc._server._select_thread_pool_for_behavior``)."""
+
+    def __init__(self, behavior: Callable[..., Any], pool: ThreadPoolExecutor) -> None:
+        self.behavior = behavior
+        self.experimental_thread_pool = pool
+
+    def __call__(self, *args: Any) -> Any:
+        return self.behavior(*args)
+
+
+class CallerPools:
+    """Server threads per caller: ``per_silo`` for each enrolled silo, ``unidentified`` shared
+    by callers that name none. gRPC waits for a unary call's one request on a server thread,
+    before any handler (and so any per-peer count) runs: a caller that opens calls and never
+    sends the request holds a thread each. On its own pool it holds only its own threads;
+    its further calls queue behind them, and every other caller keeps its threads."""
+
+    def __init__(self, silos: list[str], per_silo: int, unidentified: int) -> None:
+        self._pools = {s: ThreadPoolExecutor(per_silo, f"calls-{s[:32]}") for s in silos}
+        self._pools[""] = ThreadPoolExecutor(unidentified, "calls-unidentified")
+
+    def route(self, caller: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` with its behavior run on ``caller``'s pool."""
+        pool = self._pools[caller]
+        ser, de = handler.response_serializer, handler.request_deserializer
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                _OnPool(handler.stream_stream, pool), de, ser
+            )
+        if handler.request_streaming:
+            behavior = _OnPool(handler.stream_unary, pool)
+            return grpc.stream_unary_rpc_method_handler(behavior, de, ser)
+        if handler.response_streaming:
+            behavior = _OnPool(handler.unary_stream, pool)
+            return grpc.unary_stream_rpc_method_handler(behavior, de, ser)
+        return grpc.unary_unary_rpc_method_handler(_OnPool(handler.unary_unary, pool), de, ser)
+
+    def close(self) -> None:
+        """Let the pools' threads go (the server is stopped: no call is left on them)."""
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)

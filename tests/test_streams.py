@@ -226,3 +226,42 @@ def test_uploads_beyond_the_in_flight_room_wait_for_it(tmp_path, caplog):
     finally:
         go_on.set()
         h.close()
+
+
+def test_unary_calls_whose_request_never_comes_do_not_stop_honest_silos(tmp_path):
+    """gRPC runs a unary handler only once its one request arrived, and waits for it on a
+    server thread: a caller that opens Heartbeat, GetTask or Join calls and never sends the
+    request holds that thread. Sixty such calls (three times the server's threads), from a
+    caller naming s2 and from one naming no silo, hold only their own callers' threads; s1's
+    round completes."""
+    state = {"w": torch.randn(64), "n": torch.tensor(3)}
+    h = Harness(tmp_path, state, deadline=60, silos_per_round=1)
+    attacker = grpc.insecure_channel(f"127.0.0.1:{h.port}", options=CHANNEL_OPTIONS)
+    release = threading.Event()
+    stalled = []
+    try:
+        h.join("s1", "s2")
+        for i in range(60):
+            method = ("Heartbeat", "GetTask", "Join")[i % 3]
+            call = attacker.stream_unary(
+                f"/lssfl.v1.Coordinator/{method}",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=cpb.HeartbeatReply.FromString,
+            )
+            metadata = _as("s2") if i % 2 else ()
+            stalled.append(call.future(_silent(release), timeout=60, metadata=metadata))
+        time.sleep(1.0)  # every stalled call has reached the server
+        h.thread = threading.Thread(target=h.coordinator.run_round, args=(1,))
+        h.thread.start()
+        task = h.stub.GetTask(
+            cpb.TaskRequest(silo_id="s1", run_id="run1"), timeout=10, metadata=_as("s1")
+        )
+        assert task.kind == cpb.Task.TRAIN
+        got = _download(h.stub, "s1")
+        assert _upload(h.stub, got.state, "s1").accepted
+        h.thread.join(30)
+        assert read_jsonl(h.store.metrics_path)[-1]["num_results"] == 1
+    finally:
+        release.set()
+        attacker.close()
+        h.close()
