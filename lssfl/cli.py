@@ -15,7 +15,8 @@ EXAMPLES = {
     "init": (
         "example:\n  lssfl init   # configs/: run.yaml (commented, separate machines) and the demos"
     ),
-    "run": "example:\n  lssfl init && lssfl run --config configs/demo.yaml",
+    "run": "Ctrl-C or SIGTERM stops every process (exit 130 / 143); the same --run-dir resumes."
+    "\n\nexample:\n  lssfl init && lssfl run --config configs/demo.yaml",
     "coordinator": (
         "example:\n  lssfl coordinator --config configs/demo.yaml --run-dir runs/hospital-a"
     ),
