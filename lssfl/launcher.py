@@ -40,9 +40,12 @@ def _die_with_launcher(launcher_pid: int) -> Callable[[], None]:
     """What a child runs before exec on Linux: SIGTERM when the launcher dies, even by
     SIGKILL, so that no coordinator or silo outlives it unattended."""
 
+    # Looked up here, in the launcher: the child between fork and exec does as little as it can.
+    prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
     def arm() -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != launcher_pid:  # it died before the line above
             os._exit(128 + signal.SIGTERM)
 
