@@ -18,7 +18,7 @@ from lssfl.common.files import atomic_write
 from lssfl.common.logs import also_log_to, one_line
 from lssfl.common.models import build_model, evaluate, head_linear
 from lssfl.common.rpc import ADDRESS_FILE
-from lssfl.common.splits import load_split
+from lssfl.common.splits import Split, load_split
 from lssfl.server.coordinator import Coordinator, DataSpec
 from lssfl.server.initial import initial_state
 from lssfl.server.prometheus import serve_metrics
@@ -50,8 +50,11 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
 
 def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | None) -> int:
     data = prepare_data_root(cfg)
-    data_spec = _data_spec(cfg, data.test_dir)
-    problem = _model_problem(cfg, data_spec)
+    # One model and one read of the test split serve the checks below and the evaluation.
+    model = build_model(cfg.model_spec)
+    test = load_split(data.test_dir) if data.test_dir.is_dir() else None
+    data_spec = _data_spec(model, test)
+    problem = _model_problem(model, cfg.model.name, data_spec)
     if problem:  # before the folder records this config: a corrected one may use it
         log.error("%s", problem)
         return 2
@@ -81,11 +84,14 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
         cfg,
         store,
         initial_state(cfg, data.pretrain_dir),
-        None if cfg.evaluation.where == "silos" else _test_evaluator(cfg, data.test_dir),
+        None
+        if cfg.evaluation.where == "silos"
+        else _test_evaluator(model, test or load_split(data.test_dir)),  # no folder: DataError
         run_id=store.get("run_id"),
         data_spec=data_spec,
         on_round=board.add if board else None,
     )
+    del test  # the evaluator keeps it when it needs it; a run evaluated at the silos does not
     metrics_server = None
     try:
         if cfg.coordinator.prometheus_port is not None:
@@ -125,43 +131,40 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
     return 0
 
 
-def _data_spec(cfg: RunConfig, test_dir: Path) -> DataSpec | None:
+def _data_spec(model: torch.nn.Module, test: Split | None) -> DataSpec | None:
     """What a silo's data must look like, checked at Join: one sample's shape (as the test
     split's; None without one) and the classes the model predicts (its last nn.Linear's
     outputs; 0, unchecked, for a site's model without one)."""
-    if not test_dir.is_dir():
+    if test is None:
         return None
     try:
-        classes = head_linear(build_model(cfg.model_spec))[1].out_features
+        classes = head_linear(model)[1].out_features
     except ValueError:
         classes = 0
-    return tuple(load_split(test_dir).x.shape[1:]), classes
+    return tuple(test.x.shape[1:]), classes
 
 
-def _model_problem(cfg: RunConfig, spec: DataSpec | None) -> str | None:
+def _model_problem(model: torch.nn.Module, name: str, spec: DataSpec | None) -> str | None:
     """Why the configured model cannot take this run's samples (one zero sample through it,
     before any pre-training or serving), or None; unchecked without a sample shape."""
     if spec is None:
         return None
     shape = list(spec[0])
-    model = build_model(cfg.model_spec).eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *shape))
+            model.eval()(torch.zeros(1, *shape))
     except Exception as exc:  # a site's model or torchvision's: anything it raises
         return (
-            f"model {cfg.model.name!r} does not take this run's samples of shape {shape}: "
+            f"model {name!r} does not take this run's samples of shape {shape}: "
             f"{one_line(exc, typed=True)}"
         )
     return None
 
 
 def _test_evaluator(
-    cfg: RunConfig, test_dir: Path
+    model: torch.nn.Module, test: Split
 ) -> Callable[[dict[str, torch.Tensor]], tuple[float, float]]:
     """Accuracy and loss of a global model on the coordinator's test split."""
-    test = load_split(test_dir)
-    model = build_model(cfg.model_spec)
 
     def evaluate_state(state: dict[str, torch.Tensor]) -> tuple[float, float]:
         model.load_state_dict(state)

@@ -208,12 +208,9 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
             peer = self.gate.caller(dict(context.invocation_metadata()))
             if silo_id is not None:
                 self.gate.same_silo(peer, silo_id)
+            # Calls in progress are bounded by the caller's own threads (CallerPools): one
+            # beyond them waits for one. Model streams hold theirs long, so they are counted.
             with contextlib.ExitStack() as stack:
-                stack.enter_context(
-                    self.limits.hold(
-                        peer, "calls", CALLS_PER_SILO if peer else self.unidentified_calls
-                    )
-                )
                 if what is not None:
                     stack.enter_context(self.limits.hold(peer, "model streams", STREAMS_PER_SILO))
                     label = f"{what} of silo {peer or silo_id or '?'} ({context.peer()})"

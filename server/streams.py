@@ -29,8 +29,8 @@ T = TypeVar("T")
 # Model streams (downloads and uploads together) one silo may hold at once. A silo needs one;
 # the second covers a retry that overlaps the stream it replaces.
 STREAMS_PER_SILO = 2
-# Calls of any kind one silo may have in progress: a long poll, a heartbeat, its streams and
-# a join.
+# Server threads of one silo (CallerPools), so calls of any kind it may have in progress: a long
+# poll, a heartbeat, its streams and a join.
 CALLS_PER_SILO = 6
 # Model downloads sending at once; the others wait (bench/coordinator_scale.py).
 DOWNLOADS_AT_ONCE = 8
@@ -211,19 +211,11 @@ class CallerPools:
 
     def route(self, caller: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """``handler`` with its behavior run on ``caller``'s pool."""
-        pool = self._pools[caller]
-        ser, de = handler.response_serializer, handler.request_deserializer
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                _OnPool(handler.stream_stream, pool), de, ser
-            )
-        if handler.request_streaming:
-            behavior = _OnPool(handler.stream_unary, pool)
-            return grpc.stream_unary_rpc_method_handler(behavior, de, ser)
-        if handler.response_streaming:
-            behavior = _OnPool(handler.unary_stream, pool)
-            return grpc.unary_stream_rpc_method_handler(behavior, de, ser)
-        return grpc.unary_unary_rpc_method_handler(_OnPool(handler.unary_unary, pool), de, ser)
+        kind = ("unary", "stream")[handler.request_streaming] + "_"
+        kind += ("unary", "stream")[handler.response_streaming]
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        behavior = _OnPool(getattr(handler, kind), self._pools[caller])
+        return make(behavior, handler.request_deserializer, handler.response_serializer)
 
     def close(self) -> None:
         """Let the pools' threads go (the server is stopped: no call is left on them)."""
