@@ -201,7 +201,10 @@ def test_lss_delta_downlink_and_topk_feedback_resume_bit_exact(tmp_path, codec_r
         assert f"round=2 silo={silo} upload kept from before the restart" in (
             cluster.log_text("coordinator")
         )
-    assert cluster.log_text("silo-1").count("round=2 silo=silo-1 uploaded") == 1
+    # Trained round 2 once. (Its reply may be lost: the coordinator can die between keeping
+    # the last upload, which closes the round, and answering it; the silo then asks again.)
+    for silo in SILOS:
+        assert cluster.log_text(silo).count(f"round=2 silo={silo} trained") == 1
     _check(cluster, reference)
     records = read_jsonl(cluster.run_dir / "metrics.jsonl")
     assert all(r["codec_up"] == "topk0.1+int8" and r["delta_downlink"] for r in records)
