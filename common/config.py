@@ -83,6 +83,12 @@ class DataSection:
     # shares (lssfl.common.dirichlet; smaller = more skew). None: an even deal.
     alpha: float | None = None
     seed: int = 0  # the embedded data's split; fixed across run seeds on purpose
+    # The embedded data's domains: silo k holds domains[k % len], the public pre-training
+    # split is rendered in pretrain_domains (None: all five each). A subset of pretrain_domains
+    # makes a start that does not know every silo's domain; domains: [original] with a small
+    # alpha is label shift alone.
+    domains: list[str] | None = None
+    pretrain_domains: list[str] | None = None
 
 
 @dataclass
@@ -259,6 +265,17 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("security.mutual_tls needs security.tls")
     if cfg.data.kind not in ("embedded", "folders"):
         raise ConfigError(f"data.kind must be 'embedded' or 'folders', got {cfg.data.kind!r}")
+    from lssfl.common.data import check_domains
+
+    for key in ("domains", "pretrain_domains"):
+        value = getattr(cfg.data, key)
+        if value is not None:
+            if cfg.data.kind != "embedded":
+                raise ConfigError(f"data.{key} applies to data.kind 'embedded' only")
+            try:
+                check_domains(f"data.{key}", value)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     where = cfg.evaluation.where
     if where is not None and where not in EVALUATION_WHERE:
         raise ConfigError(
@@ -306,7 +323,7 @@ def parse_config(data: Any, source: str = "<dict>") -> RunConfig:
         _check(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    if cfg.trainer.get("name") == "lss" and "exclude_head" not in cfg.trainer:
+    if cfg.trainer.get("name") in ("lss", "lss-paper") and "exclude_head" not in cfg.trainer:
         # Every init but "random" gives the model a fresh classifier head (the paper's
         # setting), which LSS keeps out of the pool: pooled, the affinity term holds the
         # new head near its random start.

@@ -170,7 +170,19 @@ def _pool_size() -> int:
     return n - round(PRETRAIN_FRACTION * n) - round(TEST_FRACTION * n)
 
 
-def _manifest(num_silos: int, alpha: float | None, seed: int) -> dict[str, Any]:
+def _manifest(
+    num_silos: int,
+    alpha: float | None,
+    seed: int,
+    domains: tuple[str, ...],
+    pretrain_domains: tuple[str, ...],
+) -> dict[str, Any]:
+    # Only a non-default domain choice is recorded, so that caches written before the choice
+    # existed stay valid.
+    chosen = {
+        **({"silo_domains": list(domains)} if domains != DOMAINS else {}),
+        **({"pretrain_domains": list(pretrain_domains)} if pretrain_domains != DOMAINS else {}),
+    }
     return {
         "generator": GENERATOR_VERSION,
         "num_silos": num_silos,
@@ -186,6 +198,7 @@ def _manifest(num_silos: int, alpha: float | None, seed: int) -> dict[str, Any]:
         # Skewed layouts written before alpha meant per-class shares over silos are rewritten;
         # the natural layout (alpha None) keeps its cache.
         **({"skew": "dirichlet-per-class"} if alpha is not None else {}),
+        **chosen,
     }
 
 
@@ -210,6 +223,22 @@ def _is_cached(layout: EmbeddedLayout, expected: dict[str, Any]) -> bool:
     return all((d / DATA_FILE).is_file() and (d / META_FILE).is_file() for d in dirs)
 
 
+def check_domains(what: str, domains: Any) -> tuple[str, ...]:
+    """``domains`` as a tuple of known, distinct domain names, else ValueError naming ``what``."""
+    if (
+        not isinstance(domains, list | tuple)
+        or not domains
+        or not all(isinstance(d, str) for d in domains)
+    ):
+        raise ValueError(f"{what} must be a non-empty list of domains from {', '.join(DOMAINS)}")
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"{what}: unknown domain {unknown[0]!r}; known: {', '.join(DOMAINS)}")
+    if len(set(domains)) != len(domains):
+        raise ValueError(f"{what} lists a domain twice: {list(domains)}")
+    return tuple(domains)
+
+
 def _validate_params(num_silos: int, alpha: float | None, seed: int) -> None:
     max_silos = _pool_size() // MIN_SILO_SAMPLES
     if not isinstance(num_silos, int) or not 1 <= num_silos <= max_silos:
@@ -227,20 +256,26 @@ def materialize_embedded(
     num_silos: int = 5,
     alpha: float | None = None,
     seed: int = 0,
+    domains: tuple[str, ...] | list[str] = DOMAINS,
+    pretrain_domains: tuple[str, ...] | list[str] = DOMAINS,
 ) -> EmbeddedLayout:
     """Write the embedded digits dataset under ``root`` (cached by ``root/manifest.json``).
 
     Layout: ``root/silo-1 .. root/silo-N``, ``root/test``, ``root/pretrain``, each a split
-    folder readable by :func:`load_split`. Silo ``silo-k`` gets domain ``DOMAINS[(k-1) % 5]``.
-    ``alpha`` (Dirichlet concentration) adds label skew across silos; ``None`` deals the
-    pool out evenly. Same parameters -> identical bytes; a matching manifest skips writing.
+    folder readable by :func:`load_split`. Silo ``silo-k`` gets domain
+    ``domains[(k-1) % len(domains)]``; the public split is rendered in ``pretrain_domains``
+    and the test split in every domain some silo holds. ``alpha`` (Dirichlet concentration)
+    adds label skew across silos; ``None`` deals the pool out evenly. Same parameters ->
+    identical bytes; a matching manifest skips writing.
     """
     if alpha is not None:
         alpha = float(alpha)
     _validate_params(num_silos, alpha, seed)
+    domains = check_domains("data.domains", domains)
+    pretrain_domains = check_domains("data.pretrain_domains", pretrain_domains)
     root = Path(root)
     layout = _layout(root, num_silos)
-    expected = _manifest(num_silos, alpha, seed)
+    expected = _manifest(num_silos, alpha, seed, domains, pretrain_domains)
     if _is_cached(layout, expected):
         return layout
 
@@ -252,7 +287,7 @@ def materialize_embedded(
     common = {"source": GENERATOR_VERSION, "seed": seed, "num_classes": NUM_CLASSES}
 
     for k, (name, folder) in enumerate(layout.silo_dirs.items()):
-        domain = DOMAINS[k % len(DOMAINS)]
+        domain = domains[k % len(domains)]
         x, y = base_images(silos[k])
         x = apply_domain(x, domain, seed=_derive_seed(seed, name))
         meta = {
@@ -264,17 +299,18 @@ def materialize_embedded(
         }
         save_split(folder, x, y, meta)
 
+    held = [d for d in DOMAINS if d in domains[:num_silos]]
     x, y = base_images(test)
-    xs = [apply_domain(x, d, seed=_derive_seed(seed, "test", d)) for d in DOMAINS]
-    dom = torch.arange(len(DOMAINS), dtype=torch.int64).repeat_interleave(len(test))
+    xs = [apply_domain(x, d, seed=_derive_seed(seed, "test", d)) for d in held]
+    dom = torch.tensor([DOMAINS.index(d) for d in held]).repeat_interleave(len(test))
     meta = {
         **common,
         "split": "test",
-        "domain": "all",
-        "domains": list(DOMAINS),
+        "domain": "all" if len(held) == len(DOMAINS) else "+".join(held),
+        "domains": held,
         "indices": test.tolist(),
     }
-    save_split(layout.test_dir, torch.cat(xs), y.repeat(len(DOMAINS)), meta, domain=dom)
+    save_split(layout.test_dir, torch.cat(xs), y.repeat(len(held)), meta, domain=dom)
 
     x, y = base_images(pretrain)
     copies = [x] + [
@@ -283,15 +319,16 @@ def materialize_embedded(
     ]
     xs = [
         apply_domain(xc, d, seed=_derive_seed(seed, "pretrain", d, c))
-        for d in DOMAINS
+        for d in pretrain_domains
         for c, xc in enumerate(copies)
     ]
-    dom = torch.arange(len(DOMAINS)).repeat_interleave(PRETRAIN_COPIES * len(pretrain))
+    dom = torch.tensor([DOMAINS.index(d) for d in pretrain_domains])
+    dom = dom.repeat_interleave(PRETRAIN_COPIES * len(pretrain))
     meta = {
         **common,
         "split": "pretrain",
-        "domain": "all",
-        "domains": list(DOMAINS),
+        "domain": "all" if len(pretrain_domains) == len(DOMAINS) else "+".join(pretrain_domains),
+        "domains": list(pretrain_domains),
         "copies": PRETRAIN_COPIES,
         "indices": pretrain.tolist(),
     }

@@ -24,7 +24,11 @@ def prepare_data_root(cfg: RunConfig) -> DataRoot:
     root = Path(cfg.data.root)
     if cfg.data.kind == "embedded":
         layout = materialize_embedded(
-            root, num_silos=len(cfg.silos), alpha=cfg.data.alpha, seed=cfg.data.seed
+            root,
+            num_silos=len(cfg.silos),
+            alpha=cfg.data.alpha,
+            seed=cfg.data.seed,
+            **{k: v for k in ("domains", "pretrain_domains") if (v := getattr(cfg.data, k))},
         )
         dirs = [layout.silo_dirs[f"silo-{i + 1}"] for i in range(len(cfg.silos))]
         return DataRoot(

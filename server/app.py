@@ -25,7 +25,7 @@ from lssfl.server.prometheus import serve_metrics
 from lssfl.server.service import serve
 from lssfl.server.store import RoundStore, StoreError
 from lssfl.server.tensorboard import TensorBoardLog
-from lssfl.training.spec import effective_config
+from lssfl.training.spec import effective_config, trainer_warnings
 
 log = logging.getLogger("lssfl.coordinator")
 
@@ -79,6 +79,8 @@ def _serve_run(cfg: RunConfig, store: RoundStore, run_dir: Path, port: int | Non
     store.save_config(yaml.safe_dump(effective_config(cfg), sort_keys=False))
     # Only now: a folder refused above is left exactly as it was.
     also_log_to(run_dir / "logs" / "coordinator.log")
+    for line in trainer_warnings(cfg):
+        log.warning("%s", line)
     board = TensorBoardLog(run_dir) if cfg.run.tensorboard else None
     coordinator = Coordinator(
         cfg,

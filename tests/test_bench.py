@@ -53,10 +53,11 @@ def test_lss_step_reports_both_trainers():
     assert out["lss_peak_mb"] >= out["before_setup_mb"]
 
 
-def test_rounds_to_accuracy_json_and_bytes_to_target() -> None:
+def test_rounds_to_accuracy_json_and_bytes_to_target(monkeypatch: pytest.MonkeyPatch) -> None:
     """The figures the LSS acceptance is read from: per-seed curves and bytes to a target."""
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(BENCH))  # as `python bench/rounds_to_accuracy.py` has it
     spec = importlib.util.spec_from_file_location("rta", BENCH / "rounds_to_accuracy.py")
     assert spec is not None and spec.loader is not None
     rta = importlib.util.module_from_spec(spec)
@@ -69,7 +70,9 @@ def test_rounds_to_accuracy_json_and_bytes_to_target() -> None:
         "swa",
         "lss",
         "lss-int8",
+        "lss-paper",
     } <= set(rta.ARMS)
+    assert set(rta.REGIMES) == {"generalist", "partial", "label"}
 
     def recs(accs: list[float], per_round: int) -> list[dict]:
         return [
@@ -97,6 +100,52 @@ def test_rounds_to_accuracy_json_and_bytes_to_target() -> None:
     assert table["lss-int8"][1]["accuracy_mean"] == pytest.approx(0.45)
     assert table["fedavg"][2]["cumulative_mb"] == pytest.approx(400 / 1e6)
     assert "| lss-int8 | 10.0 (0.0) | 45.0 (7.1) | 60.0 (14.1) |" in rta.markdown(table)
+    assert arms["fedavg"]["pool"] is None
+
+
+def test_rounds_to_accuracy_summarises_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alive and soup-not-worse fractions count silo-rounds; rounds without a pool do not."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("rta", BENCH / "rounds_to_accuracy.py")
+    assert spec is not None and spec.loader is not None
+    rta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rta)
+
+    def silo(spread: float, soup: float) -> dict:
+        return {"silo_id": "s", "train_pool_spread": spread, "train_pool_disagreement": 0.1,
+                "train_soup_loss": soup, "train_member_loss": 1.0}  # fmt: skip
+
+    by_seed = {
+        0: [{"silos": []}, {"silos": [silo(0.5, 0.9), silo(0.05, 1.1)]}],
+        1: [{"silos": [{"silo_id": "s", "status": "missing"}]}, {"silos": [silo(1.5, 1.0)]}],
+    }
+    pool = rta.pool_summary(by_seed)
+    assert pool["silo_rounds"] == 3
+    assert pool["alive_fraction"] == pytest.approx(2 / 3)  # 0.05 is under ALIVE_SPREAD
+    assert pool["soup_not_worse_fraction"] == pytest.approx(2 / 3)  # 1.1 > 1.0
+    assert pool["mean_pool_spread"] == pytest.approx((0.5 + 0.05 + 1.5) / 3)
+
+
+def test_regimes_change_only_the_data_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    import regimes
+
+    base = {"run": {"seed": 0}, "data": {"kind": "embedded", "root": "data/embedded"}}
+    assert regimes.apply_regime(base, "generalist") == base
+    label = regimes.apply_regime(base, "label")
+    assert label["data"] == {"kind": "embedded", "root": "data/embedded-label",
+                             "domains": ["original"], "alpha": 0.1}  # fmt: skip
+    assert base["data"] == {"kind": "embedded", "root": "data/embedded"}  # not changed
+    partial = regimes.apply_regime(base, "partial")["data"]
+    assert set(partial["pretrain_domains"]) < {
+        "original",
+        "inverted",
+        "rotated",
+        "colored",
+        "noisy",
+    }
 
 
 def test_coordinator_scale_rows_and_bytes_add_up():

@@ -146,3 +146,33 @@ def test_yaml_exponent_floats_are_numbers_in_every_float_field(tmp_path):
     # Integers stay integers: "1e3" is no epoch count.
     with pytest.raises(ConfigError, match="trainer.epochs must be an integer"):
         check_trainer(parse_config({**BASE, "trainer": {"name": "fedavg", "epochs": "1e3"}}))
+
+
+def test_embedded_domains_are_checked_in_the_config():
+    cfg = parse_config({**BASE, "data": {"domains": ["original"], "pretrain_domains": ["noisy"]}})
+    assert cfg.data.domains == ["original"] and cfg.data.pretrain_domains == ["noisy"]
+    with pytest.raises(ConfigError, match="data.domains: unknown domain 'Original'"):
+        parse_config({**BASE, "data": {"domains": ["Original"]}})
+    with pytest.raises(ConfigError, match="data.pretrain_domains applies to data.kind 'embedded'"):
+        parse_config(
+            {
+                **BASE,
+                "model": {"init": "random"},
+                "data": {"kind": "folders", "pretrain_domains": ["noisy"]},
+            }  # fmt: skip
+        )
+
+
+def test_lss_on_a_random_start_is_told_before_the_run():
+    from lssfl.training.spec import trainer_warnings
+
+    def warnings(init: str, trainer: dict) -> list[str]:
+        return trainer_warnings(parse_config({**BASE, "model": {"init": init}, "trainer": trainer}))
+
+    (line,) = warnings("random", {"name": "lss-paper"})
+    assert "random start" in line and "lambda_a 3" in line and "model.init: pretrain" in line
+    assert warnings("random", {"name": "lss", "lambda_a": 0.5}) != []
+    # lssfl's default LSS has no affinity term; a pre-trained start is what LSS is made for.
+    assert warnings("random", {"name": "lss"}) == []
+    assert warnings("pretrain", {"name": "lss-paper"}) == []
+    assert warnings("random", {"name": "fedavg"}) == []

@@ -391,3 +391,45 @@ def test_load_split_rejects(tmp_path: Path, case: str) -> None:
     assert str(tmp_path / "split") in message  # names the path
     assert "\n" not in message  # one line, fit for a log
     assert isinstance(info.value, ValueError)
+
+
+def test_silo_and_pretraining_domains_choose_the_regime(
+    tmp_path: Path, layout: EmbeddedLayout
+) -> None:
+    """domains: what the silos hold (and the test split covers); pretrain_domains: what the
+    start is trained on. The silos' digits are dealt as with the defaults."""
+    label = materialize_embedded(tmp_path / "label", num_silos=3, domains=["original"], seed=0)
+    for folder in label.silo_dirs.values():
+        assert load_split(folder).meta["domain"] == "original"
+    test, full_test = load_split(label.test_dir), load_split(layout.test_dir)
+    assert test.num_samples * len(DOMAINS) == full_test.num_samples
+    assert test.domain is not None and set(test.domain.tolist()) == {0}
+    assert test.meta["domains"] == ["original"]
+
+    partial = materialize_embedded(
+        tmp_path / "partial", num_silos=5, pretrain_domains=("original", "rotated"), seed=0
+    )
+    pre, full_pre = load_split(partial.pretrain_dir), load_split(layout.pretrain_dir)
+    assert pre.num_samples * len(DOMAINS) == full_pre.num_samples * 2
+    assert pre.domain is not None and set(pre.domain.tolist()) == {0, 2}
+    # The silos are as with every domain pre-trained: only the start changes.
+    for name, folder in partial.silo_dirs.items():
+        assert torch.equal(load_split(folder).x, load_split(layout.silo_dirs[name]).x)
+    manifest = json.loads((tmp_path / "partial" / MANIFEST_FILE).read_text())
+    assert manifest["pretrain_domains"] == ["original", "rotated"]
+    # The default choice leaves the manifest as it was, so existing caches stay valid.
+    assert "silo_domains" not in json.loads((layout.root / MANIFEST_FILE).read_text())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"domains": ["sepia"]}, "data.domains: unknown domain 'sepia'"),
+        ({"domains": []}, "data.domains must be a non-empty list"),
+        ({"pretrain_domains": ["noisy", "noisy"]}, "data.pretrain_domains lists a domain twice"),
+    ],
+)
+def test_bad_domains_are_refused(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        materialize_embedded(tmp_path, num_silos=2, **kwargs)
+    assert not (tmp_path / MANIFEST_FILE).exists()

@@ -519,3 +519,99 @@ def test_a_collapsed_pool_is_reported(caplog: pytest.LogCaptureFixture) -> None:
             _model("cnn"), x, y, seed=0
         )
     assert not caplog.records
+
+
+def test_the_probe_trains_the_head_alone_before_the_pool() -> None:
+    """head_epochs: the shared head trains on f_p first (train mode, as the pool will run);
+    the backbone is still f_p when the first member starts, and the probed head fits the
+    local data better on it than the fresh one did."""
+    x, y = _data()
+    model = _model("cnn")
+    initial = copy.deepcopy(model)
+    trainer = Recorder(
+        pool_size=2, epochs_per_member=1, batch_size=16, lr=1e-2, exclude_head=True, head_epochs=40
+    )
+    trainer.train(model, x, y, seed=5)
+    first = trainer.log[0]
+    torch.testing.assert_close(first["rows"][1], first["rows"][0], rtol=0, atol=0)
+    backbone = {n: p for n, p in initial.named_parameters() if n not in first["head"]}
+    torch.testing.assert_close(
+        first["rows"][0], torch.cat([p.reshape(-1) for p in backbone.values()])
+    )
+
+    def loss(head: dict[str, torch.Tensor]) -> float:
+        reference = copy.deepcopy(initial).eval()
+        with torch.no_grad():
+            return float(F.cross_entropy(functional_call(reference, head, (x,)), y))
+
+    fresh = {n: p.detach() for n, p in initial.named_parameters() if n in first["head"]}
+    assert loss(first["head"]) < loss(fresh) - 0.02
+    none = Recorder(
+        pool_size=2, epochs_per_member=1, batch_size=16, exclude_head=True, head_epochs=0
+    )
+    none.train(_model("cnn"), x, y, seed=5)
+    assert all(torch.equal(none.log[0]["head"][n], fresh[n]) for n in fresh)
+
+
+def test_head_epochs_without_a_shared_head_do_nothing() -> None:
+    x, y = _data()
+    a, b = _model("cnn"), _model("cnn")
+    LSSTrainer(pool_size=2, epochs_per_member=1, batch_size=16, head_epochs=5).train(
+        a, x, y, seed=1
+    )
+    LSSTrainer(pool_size=2, epochs_per_member=1, batch_size=16, head_epochs=0).train(
+        b, x, y, seed=1
+    )
+    assert _same_state(a, b)
+    assert LSSTrainer(exclude_head=True).local_epochs() == 8 + 4 * 8
+    assert LSSTrainer(head_epochs=8).local_epochs() == 4 * 8
+
+
+def test_defaults_and_the_paper_preset() -> None:
+    from lssfl.training.lss import PaperLSSTrainer
+    from lssfl.training.trainers import make_trainer
+
+    default, paper = LSSTrainer(), make_trainer({"name": "lss-paper"})
+    assert isinstance(paper, PaperLSSTrainer)
+    assert (default.lambda_a, default.lambda_d, default.head_epochs) == (0.0, 0.0, 8)
+    assert (paper.lambda_a, paper.lambda_d, paper.head_epochs) == (3.0, 3.0, 0)
+    # Everything else is the paper's protocol in both.
+    same = {"pool_size": 4, "epochs_per_member": 8, "batch_size": 64, "lr": 5e-4}
+    for trainer in (default, paper):
+        assert {k: getattr(trainer, k) for k in same} == same
+
+
+def test_pool_spread_and_disagreement_are_measured_as_defined() -> None:
+    """pool_spread: the members' mean pairwise distance over their mean distance from f_p;
+    pool_disagreement: the mean over member pairs of the fraction of samples on which their
+    predicted classes differ (eval mode); soup and member losses on the same samples."""
+    x, y = _data(96)
+    model = _model("cnn")
+    trainer = Recorder(
+        pool_size=3, epochs_per_member=2, batch_size=16, lr=3e-3, exclude_head=True, lambda_d=1
+    )
+    metrics = trainer.train(model, x, y, seed=2)
+    state = trainer.state
+    assert state is not None
+    rows = state.pool.rows
+    members, anchor = rows[1:], rows[0]
+    pairs = [(i, j) for i in range(3) for j in range(i + 1, 3)]
+    mean_pair = sum(float((members[i] - members[j]).norm()) for i, j in pairs) / 3
+    mean_travel = sum(float((m - anchor).norm()) for m in members) / 3
+    assert metrics["pool_spread"] == pytest.approx(mean_pair / mean_travel, rel=1e-4)
+    assert metrics["pool_spread"] > 0.1  # alive: lr 3e-3, pushed apart
+
+    model.eval()
+    preds, losses = [], []
+    for row in members:
+        params = dict(zip(state.layout.names, state.layout.views(row), strict=True))
+        with torch.no_grad():
+            logits = functional_call(model, params | dict(state.head), (x,))
+        preds.append(logits.argmax(1))
+        losses.append(float(F.cross_entropy(logits, y)))
+    disagree = [float((preds[i] != preds[j]).double().mean()) for i, j in pairs]
+    assert metrics["pool_disagreement"] == pytest.approx(sum(disagree) / 3)
+    assert metrics["member_loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    with torch.no_grad():
+        soup_loss = float(F.cross_entropy(model(x), y))  # the model holds the soup now
+    assert metrics["soup_loss"] == pytest.approx(soup_loss, rel=1e-5)

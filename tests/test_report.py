@@ -311,15 +311,16 @@ def test_lss_pool_diagnostics_table(tmp_path):
         for i, s in enumerate(rec["silos"]):
             s["train_distance_to_global"] = 0.01 * r
             # silo-2 collapses in round 2
-            s["train_min_member_distance"] = 2e-4 if (r, i) == (2, 1) else 5e-3
+            s["train_pool_spread"] = 0.04 if (r, i) == (2, 1) else 1.25
+            s["train_pool_disagreement"] = 0.125
             s["train_reg_to_loss_grad"] = 0.25
     lss = _write_run(tmp_path / "lss", records)
     fedavg = _write_run(tmp_path / "fedavg", [_record("fedavg", r, 0.3, 10, 10) for r in range(3)])
     write_report(lss)
     html = (lss / "report.html").read_text()
     section = html.split("<h2>LSS pool</h2>")[1]
-    assert "1.00e-02 / 5.00e-03 / 0.250" in section
-    assert section.count('class="miss"') == 1 and "2.00e-04" in section
+    assert "1.25 / 0.125 / 1.00e-02 / 0.250" in section
+    assert section.count('class="miss"') == 1 and "0.04 / 0.125 / 2.00e-02" in section
     write_report(fedavg)
     assert "LSS pool" not in (fedavg / "report.html").read_text()
 

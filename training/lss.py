@@ -92,12 +92,17 @@ from lssfl.common.models import head_parameter_names
 from lssfl.training.loop import batches, make_optimizer
 
 AFFINITIES = ("l2", "sq_l2")
+LAMBDA_UNITS = ("l2", "loss_grad", "step_grad")
 DIVERSITIES = ("l2", "volume")
 SCHEDULES = ("equal", "authors")
-# Pool members closer than this (RMS over the pooled weights) are one model: a collapsed pool.
-COLLAPSE_RMS = 1e-3
+# A pool is alive when its members are, on average, at least this far from each other relative
+# to how far they moved from the received model (``pool_spread``): a ratio of two distances in
+# one model, so it means the same at any parameter count or weight scale. Under it the soup
+# is within a few percent of any one member: one model, not a soup.
+ALIVE_SPREAD = 0.1
 # The gradient-norm diagnostic costs two passes over D; every 16th step is plenty for a mean.
 DIAGNOSTIC_EVERY = 16
+AGREEMENT_SAMPLES = 2048
 
 log = logging.getLogger("lssfl.training")
 
@@ -403,15 +408,20 @@ class RoundState:
     weight: Tensor | None  # importance weights w, and w^2
     weight_sq: Tensor | None
     frozen_sq: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
+    lambda_scale: float = 1.0  # what one unit of lambda is, as a gradient norm
 
 
 @dataclass
 class LSSTrainer:
     """Local Superior Soups; see the module docstring. One epoch = one pass over the local data.
 
-    The defaults are the paper's protocol: Adam 5e-4, batch 64, N = 4 members of 8 epochs
-    each, lambda_a = lambda_d = 3 on plain L2 distances. ``exclude_head`` defaults to False
-    here; a run config sets it from ``model.init`` (see the module docstring).
+    The defaults are lssfl's: the paper's Adam 5e-4, batch 64 and N = 4 members of 8 epochs
+    each, after a linear probe of the new head (``head_epochs`` 8), with both regularisers off
+    (lambda_a = lambda_d = 0): measured in three regimes (docs/lss.md), the paper's lambda = 3
+    holds the backbone at its start wherever the local loss is small next to the gradient
+    noise, and loses up to 24 points where the features must move. ``PaperLSSTrainer``
+    (``lss-paper``) keeps the paper's protocol. ``exclude_head`` defaults to False here; a run
+    config sets it from ``model.init`` (see the module docstring).
     """
 
     pool_size: int = 4
@@ -421,8 +431,8 @@ class LSSTrainer:
     optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    lambda_a: float = 3.0
-    lambda_d: float = 3.0
+    lambda_a: float = 0.0
+    lambda_d: float = 0.0
     affinity: str = "l2"  # "l2" (paper) or "sq_l2" (authors' code)
     diversity: str = "l2"  # "l2" (paper, mean distance to the frozen members) or "volume"
     rms_distances: bool = False  # distances divided by sqrt(D): lambda_rms = lambda * sqrt(D)
@@ -431,6 +441,13 @@ class LSSTrainer:
     schedule: str = "equal"  # "equal" or "authors": later members epochs_per_member // 8
     interp_samples: int = 1  # alpha draws per batch, loss averaged (reference: 2)
     amp: bool = False  # bfloat16 autocast for the forward pass; CUDA only, ignored on CPU
+    # "l2": a lambda is a gradient norm (paper). "loss_grad": a multiple of the mean norm of
+    # the loss's gradient over the pooled weights at f_p, measured once a round; "step_grad":
+    # a multiple of the loss gradient's norm at each step (the regulariser-to-loss ratio).
+    lambda_units: str = "l2"
+    # Epochs training the shared head alone on f_p before the pool (a linear probe); only
+    # with ``exclude_head``, else there is no shared head and it does nothing.
+    head_epochs: int = 8
 
     def __post_init__(self) -> None:
         for name in ("pool_size", "epochs_per_member", "batch_size", "interp_samples"):
@@ -443,10 +460,20 @@ class LSSTrainer:
             raise ValueError(f"lss: affinity {self.affinity!r} not in {AFFINITIES}")
         if self.diversity not in DIVERSITIES:
             raise ValueError(f"lss: diversity {self.diversity!r} not in {DIVERSITIES}")
+        if self.lambda_units not in LAMBDA_UNITS:
+            raise ValueError(f"lss: lambda_units {self.lambda_units!r} not in {LAMBDA_UNITS}")
+        if self.head_epochs < 0:
+            raise ValueError(f"lss: head_epochs must be >= 0, got {self.head_epochs}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"lss: schedule {self.schedule!r} not in {SCHEDULES}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"lss: unknown optimizer {self.optimizer!r}; known: adam, sgd")
+
+    def local_epochs(self) -> int:
+        """Passes over the local data one round costs: the probe's and every member's."""
+        return self.head_epochs * self.exclude_head + sum(
+            self.member_epochs(m) for m in range(self.pool_size)
+        )
 
     def member_epochs(self, member: int) -> int:
         """Epochs of member ``member`` (0-based) under the schedule."""
@@ -455,17 +482,28 @@ class LSSTrainer:
         return self.epochs_per_member
 
     def train(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        seed: int,
+        held_out: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, float]:
         """Run one round of LSS on (x, y) from the weights in ``model``; leave the soup in it.
 
         Returns the mean cross-entropy at the soups (``train_loss``), the mean regulariser
-        value (``reg_loss``) and the pool diagnostics (see the module docstring).
+        value (``reg_loss``) and the pool diagnostics (see the module docstring), measured on
+        ``held_out`` when given.
         """
         batch_generator = torch.Generator().manual_seed(seed)  # the same draws as FedAvg
         alpha_generator = torch.Generator().manual_seed(_alpha_seed(seed))
         model.train()
         state = self.prepare(model, x, y)
+        if self.head_epochs and state.head:
+            self.train_head(model, state, x, y, batch_generator)
+        if self.lambda_units == "loss_grad":
+            state.lambda_scale = loss_grad_norm(model, state, x, y, self.batch_size)
         ce_total, reg_total, seen, steps = 0.0, 0.0, 0, 0
         ratios: list[float] = []
         for member in range(self.pool_size):
@@ -483,19 +521,32 @@ class LSSTrainer:
                     if measure and not math.isnan(ratio):
                         ratios.append(ratio)
             state.pool.finish_member()
+        functional = {}
+        if self.pool_size > 1:
+            functional = member_agreement(
+                model, state, x[:AGREEMENT_SAMPLES], y[:AGREEMENT_SAMPLES]
+            )
+            if held_out is not None:
+                more = member_agreement(model, state, *held_out)
+                functional |= {f"held_out_{k}": v for k, v in more.items()}
         soup = self.load_result(model, state)
         diagnostics = pool_diagnostics(state.pool, soup, state.soup)
         diagnostics["reg_to_loss_grad"] = sum(ratios) / len(ratios) if ratios else 0.0
-        if self.pool_size > 1 and diagnostics["min_member_distance"] < COLLAPSE_RMS:
+        diagnostics["lambda_scale"] = state.lambda_scale
+        diagnostics.update(functional)
+        if self.pool_size > 1 and diagnostics["pool_spread"] < ALIVE_SPREAD:
             log.warning(
-                "lss: the pool collapsed: its closest members are %.1e apart (RMS, under %.0e), "
-                "so the soup is close to one model; the regulariser's gradient is %.1fx the "
-                "loss's (lambda_a %g, lr %g): lower lambda_a or raise lr if members should differ",
-                diagnostics["min_member_distance"],
-                COLLAPSE_RMS,
+                "lss: the pool collapsed: its members are %.2f as far from each other as from "
+                "the received model (a live pool: %.2f or more) and disagree on %.1f %% of the "
+                "local samples, so the soup is close to one model; the regulariser's gradient "
+                "is %.1fx the loss's (lambda_a %g, lambda_d %g): raise lambda_d or lower "
+                "lambda_a",
+                diagnostics["pool_spread"],
+                ALIVE_SPREAD,
+                100 * diagnostics["pool_disagreement"],
                 diagnostics["reg_to_loss_grad"],
                 self.lambda_a,
-                self.lr,
+                self.lambda_d,
             )
         return {
             "train_loss": ce_total / max(seen, 1),
@@ -526,6 +577,22 @@ class LSSTrainer:
             weight=weight,
             weight_sq=None if weight is None else weight * weight,
         )
+
+    def train_head(
+        self, model: nn.Module, state: RoundState, x: Tensor, y: Tensor, gen: torch.Generator
+    ) -> None:
+        """Linear probe: ``head_epochs`` epochs of the shared head alone, the rest held at f_p."""
+        frozen = dict(zip(state.layout.names, state.layout.views(state.pool.anchor), strict=True))
+        opt = make_optimizer(
+            self.optimizer, list(state.head.values()), self.lr, self.momentum, self.weight_decay
+        )
+        for _ in range(self.head_epochs):
+            for idx in batches(len(x), self.batch_size, gen, x.device):
+                logits = functional_call(model, frozen | state.head, (x[idx],))
+                loss = F.cross_entropy(logits.float(), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
 
     def start_member(self, state: RoundState) -> torch.optim.Optimizer:
         """Start the next member; each member gets a fresh optimizer (so does the shared head)."""
@@ -578,12 +645,18 @@ class LSSTrainer:
             ce += loss.item()
         reg, ratio = 0.0, math.nan
         if self.lambda_a or (self.lambda_d and k > 1):
-            loss_norm = float(torch.linalg.vector_norm(pool.grad)) if measure else math.nan
+            loss_norm = (
+                float(torch.linalg.vector_norm(pool.grad))
+                if measure or self.lambda_units == "step_grad"
+                else math.nan
+            )
+            if self.lambda_units == "step_grad":
+                state.lambda_scale = loss_norm
             reg, reg_norm = regulariser(
                 pool.rows[: k + 1],
                 state.frozen_sq,
-                lambda_a=self.lambda_a,
-                lambda_d=self.lambda_d,
+                lambda_a=self.lambda_a * state.lambda_scale,
+                lambda_d=self.lambda_d * state.lambda_scale,
                 affinity=self.affinity,
                 diversity=self.diversity,
                 weight=state.weight,
@@ -610,6 +683,71 @@ class LSSTrainer:
         return soup
 
 
+@dataclass
+class PaperLSSTrainer(LSSTrainer):
+    """LSS in the paper's protocol (trainer name ``lss-paper``): lambda_a = lambda_d = 3 on L2
+    distances, no linear probe. What lssfl shipped before the regime benchmark, and the
+    setting whose results match the authors' code (docs/lss.md)."""
+
+    lambda_a: float = 3.0
+    lambda_d: float = 3.0
+    head_epochs: int = 0
+
+
+@torch.no_grad()
+def _member_logits(model: nn.Module, state: RoundState, flat: Tensor, x: Tensor) -> Tensor:
+    params = dict(zip(state.layout.names, state.layout.views(flat), strict=True))
+    out = [functional_call(model, params | state.head, (xb,)) for xb in x.split(512)]
+    return torch.cat(out).float()
+
+
+def member_agreement(model: nn.Module, state: RoundState, x: Tensor, y: Tensor) -> dict[str, float]:
+    """How the pool's members differ in function on (x, y), in eval mode.
+
+    ``pool_disagreement``: the mean over member pairs of the fraction of samples on which
+    their predicted classes differ; ``soup_loss`` and ``member_loss`` (mean over members)
+    the cross-entropy of the soup and of the members.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        pool = state.pool
+        logits = [_member_logits(model, state, row, x) for row in pool.frozen]
+        soup = _member_logits(model, state, pool.average(), x)
+    finally:
+        model.train(was_training)
+    preds = [lg.argmax(1) for lg in logits]
+    pairs = [(i, j) for i in range(len(preds)) for j in range(i + 1, len(preds))]
+    disagree = [float((preds[i] != preds[j]).double().mean()) for i, j in pairs]
+    return {
+        "pool_disagreement": sum(disagree) / len(disagree) if disagree else 0.0,
+        "soup_loss": float(F.cross_entropy(soup, y)),
+        "member_loss": sum(float(F.cross_entropy(lg, y)) for lg in logits) / len(logits),
+        "soup_accuracy": float((soup.argmax(1) == y).double().mean()),
+        "member_accuracy": sum(float((p == y).double().mean()) for p in preds) / len(preds),
+    }
+
+
+def loss_grad_norm(
+    model: nn.Module, state: RoundState, x: Tensor, y: Tensor, batch_size: int
+) -> float:
+    """Mean over the local batches of the norm of the loss's gradient over the pooled weights
+    at f_p (with the shared head as it is); BatchNorm statistics are left untouched."""
+    params = [v.detach().clone().requires_grad_() for v in state.layout.views(state.pool.anchor)]
+    named = dict(zip(state.layout.names, params, strict=True))
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    head = {n: h.detach() for n, h in state.head.items()}
+    norms = []
+    for idx in torch.arange(len(x), device=x.device).split(batch_size):
+        logits = functional_call(model, named | head | buffers, (x[idx],))
+        grads = torch.autograd.grad(
+            F.cross_entropy(logits.float(), y[idx]), params, allow_unused=True
+        )
+        sq = sum(float(g.square().sum()) for g in grads if g is not None)
+        norms.append(math.sqrt(sq))
+    return sum(norms) / max(len(norms), 1)
+
+
 def pool_diagnostics(pool: Pool, soup: Tensor, scratch: Tensor) -> dict[str, float]:
     """RMS distance of the soup to f_p, and (N > 1) the smallest RMS distance between members.
 
@@ -624,6 +762,11 @@ def pool_diagnostics(pool: Pool, soup: Tensor, scratch: Tensor) -> dict[str, flo
         sq = pairwise_sq_distances(pool.frozen, None, scratch, rms=True)
         off = sq[~torch.eye(pool.size, dtype=torch.bool)]
         out["min_member_distance"] = math.sqrt(float(off.min().clamp_min(0)))
+        travel = sq_distances(pool.anchor, pool.frozen, None, scratch, rms=True).clamp_min(0)
+        mean_travel = float(travel.sqrt().mean())
+        out["pool_spread"] = (
+            float(off.clamp_min(0).sqrt().mean()) / mean_travel if mean_travel > 0 else 0.0
+        )
     return out
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from lssfl.common.models import head_parameter_names
 from lssfl.common.plugins import is_import_path, load_import_path
 from lssfl.training.loop import batches, local_step, make_optimizer
-from lssfl.training.lss import LSSTrainer
+from lssfl.training.lss import LSSTrainer, PaperLSSTrainer
 
 
 @runtime_checkable
@@ -233,6 +233,7 @@ TRAINERS: dict[str, type] = {
     "fedprox": FedProxTrainer,
     "swa": SWATrainer,
     "lss": LSSTrainer,
+    "lss-paper": PaperLSSTrainer,
 }
 
 

@@ -153,11 +153,12 @@ def _silos_html(run: Run) -> str:
 
 # The LSS pool diagnostics a silo reports (lssfl.training.lss), as metrics.jsonl names them.
 POOL_KEYS = (
+    ("train_pool_spread", "spread", ".2f"),
+    ("train_pool_disagreement", "disagreement", ".3f"),
     ("train_distance_to_global", "soup to received", ".2e"),
-    ("train_min_member_distance", "closest members", ".2e"),
     ("train_reg_to_loss_grad", "reg / loss grad", ".3f"),
 )
-COLLAPSE_RMS = 1e-3  # as lssfl.training.lss.COLLAPSE_RMS; the report reads files, not trainers
+ALIVE_SPREAD = 0.1  # as lssfl.training.lss.ALIVE_SPREAD; the report reads files, not trainers
 
 
 def _pool_html(run: Run) -> str | None:
@@ -166,14 +167,14 @@ def _pool_html(run: Run) -> str | None:
     rows, flags = [], []
     for rec in run.records:
         by_id = {s.silo_id: s.train_metrics for s in rec.silos}
-        if not any(is_num(m.get(POOL_KEYS[1][0])) for m in by_id.values()):
+        if not any(is_num(m.get(POOL_KEYS[0][0])) for m in by_id.values()):
             continue
         cells, f = [str(rec.round)], [False]
         for sid in silos:
             m = by_id.get(sid, {})
             cells.append(" / ".join(fmt(m.get(k), spec) for k, _, spec in POOL_KEYS))
-            closest = m.get(POOL_KEYS[1][0])
-            f.append(is_num(closest) and closest < COLLAPSE_RMS)
+            spread = m.get(POOL_KEYS[0][0])
+            f.append(is_num(spread) and spread < ALIVE_SPREAD)
         rows.append(cells)
         flags.append(f)
     if not rows:
@@ -296,11 +297,12 @@ def html_page(title: str, runs: Sequence[Run], sums: Sequence[Summary], target, 
         runs,
         _pool_html,
         "LSS pool",
-        "Per silo: RMS distance of the uploaded soup to the model it "
-        "received / smallest RMS distance between two pool members / regulariser-to-loss "
-        f"gradient norm ratio. Red: the pool collapsed (closest members under "
-        f"{COLLAPSE_RMS:g}), so the soup is close to one model: lambda_a is strong for the "
-        "learning rate; a ratio near 0 means the regulariser does nothing.",
+        "Per silo: the pool's spread (its members' mean distance from each other over their "
+        "mean distance from the model the silo received: size-free) / the fraction of the "
+        "silo's samples on which two members predict different classes / RMS distance of the "
+        "uploaded soup to the model it received / regulariser-to-loss gradient norm ratio. "
+        f"Red: the pool collapsed (spread under {ALIVE_SPREAD:g}), so the soup is close to one "
+        "model.",
     )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
