@@ -49,6 +49,7 @@ from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.aggregate import check_state, weighted_average
 from lssfl.server.meter import DOWN, UP, Meter, Metered, message_sizes
 from lssfl.server.store import HEARTBEAT_RECORD_S, RoundStore
+from lssfl.training.lss import collapsed_pools
 
 log = logging.getLogger("lssfl.coordinator")
 
@@ -1018,6 +1019,13 @@ class Coordinator:
             bytes_up / 1e6,
             seconds,
         )
+        spreads = {
+            s.silo_id: v
+            for s in silos
+            if isinstance(v := s.train_metrics.get("train_pool_spread"), int | float)
+        }
+        if line := collapsed_pools(spreads):
+            log.warning("round=%d %s", round_num, line)
 
     def _silo_status(self, silo: str, missing: list[str]) -> str:
         """A round's record status for a silo without a result in it."""

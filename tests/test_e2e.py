@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.numpy import load_file
 
 from lssfl.common.splits import load_split, save_split
@@ -309,3 +310,23 @@ def test_silo_gives_up_after_max_wait(tmp_path):
         rf"lssfl: error: coordinator {address} unreachable for (\d+) s \(join\)", last
     )
     assert match and int(match[1]) >= 3, last
+
+
+def test_lss_guard_rails_reach_the_coordinator_log(tmp_path, write_config):
+    """A random start with the paper's affinity is told before round 1; a pool that cannot
+    spread (lr 0: every member is the received model) is told after the round, and the
+    spread each silo measured is in metrics.jsonl."""
+    config = write_config(run={"rounds": 1}, model={"init": "random"})
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"] = {"name": "lss-paper", "pool_size": 2, "epochs_per_member": 1, "lr": 0.0}
+    config.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "runs" / "guard"
+    proc = run_lssfl("run", "--config", str(config), "--run-dir", str(run_dir), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (run_dir / "logs" / "coordinator.log").read_text()
+    assert "lss on a random start (model.init: random)" in log and "lambda_a 3" in log
+    assert log.index("random start") < log.index("round=1 ok")
+    assert "round=1 the LSS pool collapsed at 3 of 3 silos" in log
+    silos = read_jsonl(run_dir / "metrics.jsonl")[1]["silos"]
+    assert [s["train_pool_spread"] for s in silos] == [0.0, 0.0, 0.0]
+    assert all(s["train_pool_disagreement"] == 0.0 for s in silos)

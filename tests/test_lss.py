@@ -615,3 +615,14 @@ def test_pool_spread_and_disagreement_are_measured_as_defined() -> None:
     with torch.no_grad():
         soup_loss = float(F.cross_entropy(model(x), y))  # the model holds the soup now
     assert metrics["soup_loss"] == pytest.approx(soup_loss, rel=1e-5)
+
+
+def test_the_coordinator_line_for_collapsed_pools() -> None:
+    from lssfl.training.lss import collapsed_pools
+
+    assert collapsed_pools({}) is None
+    assert collapsed_pools({"a": 0.05, "b": 0.5}) is None  # half is not most
+    line = collapsed_pools({"a": 0.05, "b": 0.02, "c": 0.9})
+    assert line is not None
+    assert "collapsed at 2 of 3 silos (a, b: spread 0.020-0.050, alive from 0.1)" in line
+    assert "lower trainer.lambda_a" in line

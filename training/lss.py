@@ -683,6 +683,23 @@ class LSSTrainer:
         return soup
 
 
+def collapsed_pools(spreads: dict[str, float]) -> str | None:
+    """One line for the coordinator when most silos' pools collapsed this round, else None.
+
+    ``spreads``: each reporting silo's ``pool_spread``.
+    """
+    low = sorted(s for s, v in spreads.items() if v < ALIVE_SPREAD)
+    if not spreads or 2 * len(low) <= len(spreads):
+        return None
+    return (
+        f"the LSS pool collapsed at {len(low)} of {len(spreads)} silos ({', '.join(low[:5])}"
+        f"{', ...' if len(low) > 5 else ''}: spread "
+        f"{min(spreads.values()):.3f}-{max(spreads[s] for s in low):.3f}, alive from "
+        f"{ALIVE_SPREAD:g}), so their soups are single models: lower trainer.lambda_a or "
+        "raise trainer.lambda_d"
+    )
+
+
 @dataclass
 class PaperLSSTrainer(LSSTrainer):
     """LSS in the paper's protocol (trainer name ``lss-paper``): lambda_a = lambda_d = 3 on L2
