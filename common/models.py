@@ -102,6 +102,12 @@ def check_head(model: nn.Module, num_classes: int | None) -> None:
         )
 
 
+def statistics_names(model: nn.Module) -> frozenset[str]:
+    """The model's floating buffers (BatchNorm's running mean and variance): statistics, not
+    weights, which both roles send exact under any codec (lssfl.common.wire.pack_state)."""
+    return frozenset(n for n, b in model.named_buffers() if b.is_floating_point())
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Names of the head's parameters, as in ``model.named_parameters()``."""
     prefix, module = head_linear(model)

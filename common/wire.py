@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -127,13 +127,17 @@ def pack_state(
     spec: CodecSpec = FP32,
     reference: dict[str, torch.Tensor] | None = None,
     feedback: ErrorFeedback | None = None,
+    exact: Collection[str] = frozenset(),
 ) -> list[WireTensor]:
     """Encode every tensor of ``state`` with ``spec``.
 
     With a ``reference`` (a model the receiver holds), floating tensors travel as
     ``state - reference``: updates are small and centred, which is what int8 and top-k need.
     ``feedback`` keeps what a lossy codec dropped and adds it to the next update (silo side).
-    Integer buffers always travel whole and exact.
+    Integer buffers, and the floating tensors named in ``exact``, always travel whole and
+    exact: BatchNorm's running statistics (``statistics_names``), which a lossy code of their
+    update can make invalid (a negative variance, and every prediction NaN), cost a few
+    hundred floats.
     """
     for name, t in state.items():
         if t.dtype not in DTYPE_NAMES:
@@ -141,7 +145,7 @@ def pack_state(
     updates = {
         name: t.detach().cpu() - reference[name].to(t.dtype)
         for name, t in state.items()
-        if reference is not None and t.is_floating_point()
+        if reference is not None and t.is_floating_point() and name not in exact
     }
     try:
         payloads = (
@@ -153,7 +157,7 @@ def pack_state(
         for name, t in state.items():
             if name in payloads:
                 data: bytes | memoryview = payloads[name]
-            elif spec == FP32:
+            elif spec == FP32 or name in exact:
                 out.append(WireTensor(name, t.dtype, tuple(t.shape), RAW, False, _tensor_bytes(t)))
                 continue
             else:

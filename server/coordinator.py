@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from lssfl.common.codecs import parse_codec
 from lssfl.common.config import RunConfig
 from lssfl.common.faults import crash_point
+from lssfl.common.models import build_model, statistics_names
 from lssfl.common.peertext import MAX_PEER_REASON, check_metrics, peer_text
 from lssfl.common.records import RecordError, RoundRecord, SiloEvaluation, SiloRound
 from lssfl.common.seeding import derive_seed
@@ -206,6 +208,8 @@ class Coordinator:
         self._last_record: RoundRecord | None = None
         self.codec_down = parse_codec(cfg.compression.downlink)
         self.codec_up = parse_codec(cfg.compression.uplink)
+        # BatchNorm statistics go exact under a lossy downlink, as the silos send them.
+        self._statistics = _statistics_names(cfg.model_spec)
         self._stopping = threading.Event()
         self.rounds_closed = 0
         self.algorithm = str(cfg.trainer.get("name", "fedavg"))
@@ -641,7 +645,7 @@ class Coordinator:
             dheader = pb.ModelChunk()
             dheader.CopyFrom(header)
             dheader.download.base_round = round_num - 1
-            delta = pack_state(self.global_state, self.codec_down, prev)
+            delta = pack_state(self.global_state, self.codec_down, prev, exact=self._statistics)
             # What the silos will decode, so that both sides hold the same bytes.
             held = held_state(delta, prev)
             # Silos without last round's model get what the others now hold, exactly.
@@ -652,7 +656,7 @@ class Coordinator:
             held = self.global_state
             download = _Download(_metered(pack_state(held), header))
         else:
-            full = pack_state(self.global_state, self.codec_down)
+            full = pack_state(self.global_state, self.codec_down, exact=self._statistics)
             held = held_state(full)
             download = _Download(_metered(full, header))
         self._broadcast = held
@@ -1064,6 +1068,17 @@ def update_norm(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
             diff = state[name].to(torch.float64) - ref.to(torch.float64)
             total += float(torch.sum(diff * diff))
     return total**0.5
+
+
+def _statistics_names(model_spec: dict[str, Any]) -> frozenset[str]:
+    """The model's floating buffers, from a model built on the meta device (nothing
+    allocated); none when a site's builder cannot build there."""
+    try:
+        with torch.device("meta"):
+            return statistics_names(build_model(model_spec))
+    except Exception:  # a site's builder may load files or refuse the meta device
+        log.debug("model built on the meta device failed", exc_info=True)
+        return frozenset()
 
 
 def _figure(value: float | None) -> str:

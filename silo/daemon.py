@@ -26,7 +26,7 @@ from lssfl.common.codecs import CodecError, ErrorFeedback, parse_codec
 from lssfl.common.config import ConfigError
 from lssfl.common.faults import crash_point
 from lssfl.common.logs import one_line
-from lssfl.common.models import build_model, evaluate
+from lssfl.common.models import build_model, evaluate, statistics_names
 from lssfl.common.peertext import MAX_PEER_REASON, peer_text
 from lssfl.common.plugins import check_allowed, is_import_path
 from lssfl.common.progress import progress
@@ -646,7 +646,11 @@ class SiloDaemon:
             pack_state(state)
             if codec == FP32
             else pack_state(
-                state, codec, received.state, self._feedback if codec.topk is not None else None
+                state,
+                codec,
+                received.state,
+                self._feedback if codec.topk is not None else None,
+                exact=statistics_names(model),
             )
         )
         try:

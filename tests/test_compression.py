@@ -50,7 +50,7 @@ def _check_round_one_uploads(config, run_dir, record) -> None:
     from lssfl.common.codecs import ErrorFeedback, decode_tensor
     from lssfl.common.config import load_config
     from lssfl.common.dataroot import prepare_data_root
-    from lssfl.common.models import build_model
+    from lssfl.common.models import build_model, statistics_names
     from lssfl.common.seeding import derive_seed
     from lssfl.common.splits import load_split
     from lssfl.training.trainers import make_trainer
@@ -69,10 +69,16 @@ def _check_round_one_uploads(config, run_dir, record) -> None:
         make_trainer(json.loads(json.dumps(cfg.trainer))).train(model, split.x, split.y, seed=seed)
         # What the silo sends, decoded here tensor by tensor (not through the wire decoder
         # the coordinator runs): deltas on top of the received model.
+        # BatchNorm statistics travel exact (raw), whole.
+        state = model.state_dict()
+        sent = pack_state(state, codec, received, ErrorFeedback(), statistics_names(model))
+        assert {t.name for t in sent if t.codec == "raw"} == statistics_names(model)
         expected = {
-            t.name: decode_tensor(t.data, parse_codec(t.codec), t.shape, t.dtype)
+            t.name: state[t.name]
+            if t.codec == "raw"
+            else decode_tensor(t.data, parse_codec(t.codec), t.shape, t.dtype)
             + (received[t.name] if t.delta else 0)
-            for t in pack_state(model.state_dict(), codec, received, ErrorFeedback())
+            for t in sent
         }
         uploads[silo] = load_file(run_dir / f"uploads/round-0001/{silo}.safetensors")
         for name, value in expected.items():

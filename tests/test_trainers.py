@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lssfl.common.models import MLP, SmallCNN
-from lssfl.training.lss import LSSTrainer
+from lssfl.training.lss import LSSTrainer, PaperLSSTrainer
 from lssfl.training.trainers import (
     TRAINERS,
     FedAvgTrainer,
@@ -117,7 +117,7 @@ def test_swa_rejects_a_start_past_the_end() -> None:
 
 def test_registry() -> None:
     expected = {"fedavg": FedAvgTrainer, "fedprox": FedProxTrainer, "swa": SWATrainer}
-    assert expected | {"lss": LSSTrainer} == TRAINERS
+    assert expected | {"lss": LSSTrainer, "lss-paper": PaperLSSTrainer} == TRAINERS
 
 
 @pytest.mark.parametrize("name", sorted(TRAINERS))
@@ -142,7 +142,10 @@ def test_make_trainer_passes_hyper_parameters() -> None:
 @pytest.mark.parametrize(
     "spec,match",
     [
-        ({"name": "fedsgd"}, "unknown trainer 'fedsgd'; known: fedavg, fedprox, lss, swa"),
+        (
+            {"name": "fedsgd"},
+            "unknown trainer 'fedsgd'; known: fedavg, fedprox, lss, lss-paper, swa",
+        ),
         ({"epochs": 1}, "unknown trainer None"),
         ({"name": "fedavg", "mu": 0.1}, "trainer 'fedavg' has no parameter 'mu'"),
         ({"name": "lss", "epochs": 2}, "trainer 'lss' has no parameter 'epochs'"),

@@ -275,3 +275,37 @@ def test_read_header_takes_only_the_named_header():
         read_header(stream, "upload")
     with pytest.raises(WireError, match="must start with a download header"):
         read_header(iter([]), "download")
+
+
+@pytest.mark.parametrize("codec", ["int8", "topk0.1+int8", "fp16"])
+def test_batchnorm_statistics_travel_exact_under_a_lossy_codec(codec: str) -> None:
+    """A lossy update of a running variance can make it negative, and every prediction NaN
+    (seen with top-k + int8 uploads): statistics named ``exact`` travel whole and exact,
+    weights keep the codec."""
+    from lssfl.common.codecs import ErrorFeedback, parse_codec
+    from lssfl.common.models import SmallCNN, statistics_names
+
+    torch.manual_seed(0)
+    model = SmallCNN(width=8)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in reference.items()}
+    for name, value in state.items():
+        if name.endswith("running_var"):
+            value.copy_(torch.linspace(1e-4, 5.0, value.numel()))  # small variances move far
+        elif value.is_floating_point():
+            value.add_(torch.randn_like(value) * 0.1)
+    exact = statistics_names(model)
+    assert exact == {f"features.{i}.{s}" for i in (1, 5) for s in ("running_mean", "running_var")}
+    spec = parse_codec(codec)
+    feedback = ErrorFeedback() if spec.topk is not None else None
+    if feedback is not None:
+        feedback.start_round(1)
+    tensors = pack_state(state, spec, reference, feedback, exact=exact)
+    held = held_state(tensors, reference)
+    for t in tensors:
+        if t.name in exact:
+            assert t.codec == "raw" and not t.delta
+            assert torch.equal(held[t.name], state[t.name])
+        elif state[t.name].is_floating_point():
+            assert t.codec == spec.name and t.delta
+    assert not torch.equal(held["features.0.weight"], state["features.0.weight"])  # lossy

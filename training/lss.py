@@ -44,6 +44,15 @@ and uploaded as it ends. It is not interpolated and not part of any distance. Th
 setting replaces the head of a pre-trained network; a fresh head pooled and pulled towards
 its random start by the affinity term does not learn, so the run config turns this on by
 default whenever the initial model's head was replaced (``model.init`` other than random).
+With the head out of the pool, ``head_epochs`` (lssfl's default 8, the paper's 0) train it
+alone on f_p before the first member (a linear probe, in train mode as the pool runs), so
+that the backbone's first gradients come from a head that fits the data, not a random one.
+
+Defaults. lssfl's differ from the paper's in two places: the probe, and lambda_a = lambda_d
+= 0. Measured in three regimes (docs/lss.md), any affinity holds the backbone at f_p once the
+local loss is small next to its gradient noise (few classes per silo, a start that fits),
+which costs up to 24 points where the features must move; ``lss-paper``
+(:class:`PaperLSSTrainer`) keeps the paper's lambda = 3 without the probe.
 
 Schedule: every member trains ``epochs_per_member`` epochs ("equal", the paper's text), or
 the first one does and the later ones ``max(1, epochs_per_member // 8)`` ("authors", the
@@ -54,10 +63,13 @@ in place by the interpolated forward passes (``interp_samples`` passes per step,
 member 1 trains alone) and uploaded as it ends.
 
 Diagnostics (returned with the metrics, so they reach the coordinator's metrics.jsonl): the
-RMS distance of the soup to f_p, the smallest RMS distance between two members, and the
-ratio of the regulariser's gradient norm to the loss's, sampled every ``DIAGNOSTIC_EVERY``
-steps. A pool whose members are within ``COLLAPSE_RMS`` of each other has collapsed onto one
-model (lambda_a too strong, or nothing to learn): the trainer logs one warning line.
+pool's spread (the members' mean pairwise distance over their mean distance from f_p: a
+ratio within one weight space, so the same at any parameter count or weight scale), how
+often two members predict different classes on the local samples, the soup's and the
+members' loss there, the RMS distance of the soup to f_p, the smallest RMS distance between
+two members, and the ratio of the regulariser's gradient norm to the loss's, sampled every
+``DIAGNOSTIC_EVERY`` steps. A pool whose spread is under ``ALIVE_SPREAD`` has collapsed onto
+one model: the trainer logs one warning line, and the coordinator one when most silos' did.
 
 How it is fast. f_p and the N members are the rows of one (N + 1, D) buffer. The active
 member trains in place in its row through parameter-shaped leaf views, whose gradients are
@@ -493,8 +505,9 @@ class LSSTrainer:
         """Run one round of LSS on (x, y) from the weights in ``model``; leave the soup in it.
 
         Returns the mean cross-entropy at the soups (``train_loss``), the mean regulariser
-        value (``reg_loss``) and the pool diagnostics (see the module docstring), measured on
-        ``held_out`` when given.
+        value (``reg_loss``) and the pool diagnostics (see the module docstring); with
+        ``held_out`` (x, y) also the functional ones measured there, as ``held_out_<name>``
+        (benchmarks: a silo's trainer sees its training data only).
         """
         batch_generator = torch.Generator().manual_seed(seed)  # the same draws as FedAvg
         alpha_generator = torch.Generator().manual_seed(_alpha_seed(seed))
