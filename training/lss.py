@@ -546,7 +546,9 @@ class LSSTrainer:
         diagnostics = pool_diagnostics(state.pool, soup, state.soup)
         diagnostics["reg_to_loss_grad"] = sum(ratios) / len(ratios) if ratios else 0.0
         diagnostics["lambda_scale"] = state.lambda_scale
-        diagnostics.update(functional)
+        # A diagnostic never costs the round its upload: a loss that is not finite (a model
+        # whose eval-mode predictions are NaN) is left out; the coordinator refuses NaN.
+        diagnostics.update({k: v for k, v in functional.items() if math.isfinite(v)})
         if self.pool_size > 1 and diagnostics["pool_spread"] < ALIVE_SPREAD:
             log.warning(
                 "lss: the pool collapsed: its members are %.2f as far from each other as from "
