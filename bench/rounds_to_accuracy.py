@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from regimes import REGIMES, apply_regime
 
-from lssfl.training.lss import ALIVE_SPREAD
+from lssfl.training.lss_measures import ALIVE_SPREAD
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -51,7 +51,7 @@ from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.aggregate import check_state, weighted_average
 from lssfl.server.meter import DOWN, UP, Meter, Metered, message_sizes
 from lssfl.server.store import HEARTBEAT_RECORD_S, RoundStore
-from lssfl.training.lss import collapsed_pools
+from lssfl.training.lss_measures import collapsed_pools
 
 log = logging.getLogger("lssfl.coordinator")
 
@@ -209,7 +209,9 @@ class Coordinator:
         self.codec_down = parse_codec(cfg.compression.downlink)
         self.codec_up = parse_codec(cfg.compression.uplink)
         # BatchNorm statistics go exact under a lossy downlink, as the silos send them.
-        self._statistics = _statistics_names(cfg.model_spec)
+        self._statistics = (
+            frozenset() if self.codec_down == FP32 else _statistics_names(cfg.model_spec)
+        )
         self._stopping = threading.Event()
         self.rounds_closed = 0
         self.algorithm = str(cfg.trainer.get("name", "fedavg"))

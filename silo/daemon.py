@@ -150,11 +150,9 @@ def check_task(
         raise TaskRefused(f"trainer.batch_size must be >= 1, got {spec['batch_size']}")
     if "epochs" in spec and spec["epochs"] < 1:
         raise TaskRefused(f"trainer.epochs must be >= 1, got {spec['epochs']}")
-    # Plain trainers run `epochs`, LSS `pool_size` members of `epochs_per_member` after a
-    # probe of `head_epochs` when the head is out of the pool.
-    epochs = spec.get("epochs", 1) * spec.get("pool_size", 1) * spec.get("epochs_per_member", 1)
-    if spec.get("exclude_head") is True and isinstance(spec.get("head_epochs"), int):
-        epochs += spec["head_epochs"]
+    # Plain trainers run `epochs`; a trainer with a schedule of its own (LSS) says how many.
+    local_epochs = getattr(make_trainer(spec), "local_epochs", None)
+    epochs = local_epochs() if callable(local_epochs) else spec.get("epochs", 1)
     if epochs > max_epochs:
         raise TaskRefused(
             f"task asks for {epochs} local epochs, more than --max-epochs {max_epochs}"

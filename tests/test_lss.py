@@ -17,15 +17,17 @@ from lssfl.training.lss import (
     LSSTrainer,
     Pool,
     RoundState,
-    diversity_term,
-    importance_weights,
     interpolate,
+    sample_alphas,
+)
+from lssfl.training.lss_distances import (
+    diversity_term,
     pairwise_sq_distances,
     regulariser,
-    sample_alphas,
     simplex_sq_volume,
     sq_distances,
 )
+from lssfl.training.lss_measures import importance_weights
 from lssfl.training.trainers import FedAvgTrainer
 
 torch.set_num_threads(1)
@@ -618,7 +620,7 @@ def test_pool_spread_and_disagreement_are_measured_as_defined() -> None:
 
 
 def test_the_coordinator_line_for_collapsed_pools() -> None:
-    from lssfl.training.lss import collapsed_pools
+    from lssfl.training.lss_measures import collapsed_pools
 
     assert collapsed_pools({}) is None
     assert collapsed_pools({"a": 0.05, "b": 0.5}) is None  # half is not most

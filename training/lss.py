@@ -102,19 +102,25 @@ from torch.func import functional_call
 
 from lssfl.common.models import head_parameter_names
 from lssfl.training.loop import batches, make_optimizer
+from lssfl.training.lss_distances import (
+    AFFINITIES,
+    DIVERSITIES,
+    pairwise_sq_distances,
+    regulariser,
+)
+from lssfl.training.lss_measures import (
+    AGREEMENT_SAMPLES,
+    ALIVE_SPREAD,
+    importance_weights,
+    loss_grad_norm,
+    member_agreement,
+    pool_diagnostics,
+)
 
-AFFINITIES = ("l2", "sq_l2")
 LAMBDA_UNITS = ("l2", "loss_grad", "step_grad")
-DIVERSITIES = ("l2", "volume")
 SCHEDULES = ("equal", "authors")
-# A pool is alive when its members are, on average, at least this far from each other relative
-# to how far they moved from the received model (``pool_spread``): a ratio of two distances in
-# one model, so it means the same at any parameter count or weight scale. Under it the soup
-# is within a few percent of any one member: one model, not a soup.
-ALIVE_SPREAD = 0.1
 # The gradient-norm diagnostic costs two passes over D; every 16th step is plenty for a mean.
 DIAGNOSTIC_EVERY = 16
-AGREEMENT_SAMPLES = 2048
 
 log = logging.getLogger("lssfl.training")
 
@@ -245,164 +251,6 @@ def interpolate(members: Tensor, alpha: Tensor, out: Tensor) -> Tensor:
     return torch.addmv(active, frozen.t(), alpha[:-1].to(members), beta=float(alpha[-1]), out=out)
 
 
-@torch.no_grad()
-def sq_distances(
-    a: Tensor, points: Tensor, weight: Tensor | None, scratch: Tensor, rms: bool = False
-) -> Tensor:
-    """Squared distances ||w * (a - p)||^2 (/ D if ``rms``) to each row p: float64, CPU."""
-    sq = []
-    for p in points:
-        torch.sub(a, p, out=scratch)
-        if weight is not None:
-            scratch.mul_(weight)
-        sq.append(torch.dot(scratch, scratch))
-    if not sq:
-        return torch.zeros(0, dtype=torch.float64)
-    out = torch.stack(sq).double().cpu()
-    return out / a.numel() if rms else out
-
-
-def pairwise_sq_distances(
-    points: Tensor, weight: Tensor | None, scratch: Tensor, rms: bool = False
-) -> Tensor:
-    """(m, m) squared distances among the rows of ``points``: float64, CPU."""
-    if len(points) == 0:
-        return torch.zeros(0, 0, dtype=torch.float64)
-    return torch.stack([sq_distances(p, points, weight, scratch, rms) for p in points])
-
-
-def simplex_sq_volume(sq_dists: Tensor) -> Tensor:
-    """Squared volume of the simplex whose vertices have pairwise squared distances ``sq_dists``.
-
-    Cayley-Menger: for n vertices, V^2 = (-1)^n det(CM) / (2^(n-1) ((n-1)!)^2), where CM is
-    ``sq_dists`` bordered by a row and a column of ones with a zero corner.
-    """
-    n = sq_dists.shape[0]
-    corner = torch.zeros(n + 1, n + 1, dtype=sq_dists.dtype)
-    corner[0, 0] = 1.0
-    cm = F.pad(sq_dists, (1, 0, 1, 0), value=1.0) - corner
-    return (-1) ** n * torch.linalg.det(cm) / (2 ** (n - 1) * math.factorial(n - 1) ** 2)
-
-
-def affinity_term(sq_dist: float, kind: str) -> tuple[float, float]:
-    """(value, d value / d sq_dist) of the distance to f_p."""
-    if kind == "sq_l2":
-        return sq_dist, 1.0
-    d = math.sqrt(sq_dist)
-    return d, (0.5 / d if d > 0 else 0.0)
-
-
-def diversity_term(sq_to_frozen: Tensor, frozen_sq: Tensor, kind: str) -> tuple[float, Tensor]:
-    """(value, d value / d sq_to_frozen) of the diversity of the active member.
-
-    ``sq_to_frozen``: (m,) squared distances from the active member to the m frozen ones;
-    ``frozen_sq``: (m, m) squared distances among the frozen members (only "volume" reads it).
-    """
-    if kind == "l2":
-        d = sq_to_frozen.sqrt()
-        coefs = torch.where(d > 0, 0.5 / (len(d) * d), torch.zeros_like(d))
-        return float(d.mean()), coefs
-    # volume: the simplex of all k = m + 1 members, differentiated through the tiny k x k
-    # Cayley-Menger matrix only.
-    s = sq_to_frozen.detach().clone().requires_grad_()
-    top = torch.cat([s.new_zeros(1), s]).unsqueeze(0)  # the active member is vertex 0
-    full = torch.cat([top, torch.cat([s.unsqueeze(1), frozen_sq], dim=1)])
-    v2 = simplex_sq_volume(full)
-    if v2 <= 0:  # degenerate simplex: the kink of sqrt, take the zero subgradient
-        return 0.0, torch.zeros_like(sq_to_frozen)
-    v = v2.sqrt()
-    (coefs,) = torch.autograd.grad(v, s)
-    return float(v.detach()), coefs
-
-
-@torch.no_grad()
-def add_distance_grad(
-    grad: Tensor,
-    rows: Tensor,
-    coefs: Tensor,
-    weight_sq: Tensor | None,
-    scratch: Tensor,
-    rms: bool = False,
-    measure: bool = False,
-) -> float:
-    """grad += sum_i coefs[i] * d sq_dist(a, rows[i]) / da, where a = rows[-1].
-
-    d sq_dist(a, p) / da = 2 w^2 (a - p) (/ D if ``rms``), and sum_i c_i (a - p_i) =
-    (sum_i c_i) a - sum_i c_i p_i is one matrix-vector product over the rows, a included.
-    Returns the norm of what was added when ``measure`` (one more pass over D), else nan.
-    """
-    c = torch.cat([-coefs, coefs.sum().reshape(1)]).to(rows)
-    scale = 2.0 / rows.shape[1] if rms else 2.0
-    if weight_sq is None and not measure:
-        grad.addmv_(rows.t(), c, alpha=scale)
-        return math.nan
-    torch.mv(rows.t(), c, out=scratch)
-    if weight_sq is not None:
-        scratch.mul_(weight_sq)
-    grad.add_(scratch, alpha=scale)
-    return abs(scale) * float(torch.linalg.vector_norm(scratch)) if measure else math.nan
-
-
-def regulariser(
-    rows: Tensor,
-    frozen_sq: Tensor,
-    *,
-    lambda_a: float,
-    lambda_d: float,
-    affinity: str,
-    diversity: str,
-    weight: Tensor | None,
-    weight_sq: Tensor | None,
-    grad: Tensor,
-    scratch: Tensor,
-    rms: bool = False,
-    measure: bool = False,
-) -> tuple[float, float]:
-    """lambda_a * affinity(f_k, f_p) - lambda_d * diversity(f_k, frozen); its gradient -> grad.
-
-    ``rows`` = [f_p, f_1, ..., f_{k-1}, f_k] (k + 1, D); the gradient is with respect to f_k.
-    Returns (value, norm of its gradient if ``measure`` else nan).
-    """
-    k = rows.shape[0] - 1
-    if lambda_d == 0 or k == 1:
-        rows = rows[0 : k + 1 : k]  # f_p and f_k only: a strided view, no copy
-    a, points = rows[-1], rows[:-1]
-    sq = sq_distances(a, points, weight, scratch, rms)
-    value_a, coef_a = affinity_term(float(sq[0]), affinity)
-    value, coefs = lambda_a * value_a, torch.tensor([lambda_a * coef_a], dtype=torch.float64)
-    if len(points) > 1:
-        value_d, coef_d = diversity_term(sq[1:], frozen_sq, diversity)
-        value, coefs = value - lambda_d * value_d, torch.cat([coefs, -lambda_d * coef_d])
-    norm = add_distance_grad(grad, rows, coefs, weight_sq, scratch, rms, measure)
-    return value, norm
-
-
-def importance_weights(
-    model: nn.Module, names: list[str], x: Tensor, y: Tensor, batch_size: int
-) -> Tensor:
-    """Flat per-parameter weights: sqrt(mean squared batch gradient at the current weights).
-
-    Clamped to [1e-8, 1e8] (reference), then scaled to RMS 1 (so that the lambdas keep their
-    meaning). The forward passes run in train mode on copies of the buffers: BatchNorm running
-    statistics do not move.
-    """
-    params = dict(model.named_parameters())
-    chosen = [params[n] for n in names]
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    sq = [torch.zeros_like(p) for p in chosen]
-    count = 0
-    for idx in torch.arange(len(x), device=x.device).split(batch_size):
-        loss = F.cross_entropy(functional_call(model, buffers, (x[idx],)), y[idx])
-        grads = torch.autograd.grad(loss, chosen, allow_unused=True)
-        for s, g in zip(sq, grads, strict=True):
-            if g is not None:
-                s.addcmul_(g, g)
-        count += 1
-    w = FlatLayout.of(list(zip(names, chosen, strict=True))).flatten(sq)
-    w = w.div_(max(count, 1)).sqrt_().clamp_(1e-8, 1e8)
-    return w.div_(w.square().mean().sqrt())
-
-
 # --- the trainer ------------------------------------------------------------------------------
 
 
@@ -421,6 +269,10 @@ class RoundState:
     weight_sq: Tensor | None
     frozen_sq: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
     lambda_scale: float = 1.0  # what one unit of lambda is, as a gradient norm
+
+    def params_at(self, flat: Tensor) -> dict[str, Tensor]:
+        """The model's parameters with the pooled ones at ``flat`` (views) and the head."""
+        return dict(zip(self.layout.names, self.layout.views(flat), strict=True)) | self.head
 
 
 @dataclass
@@ -483,9 +335,9 @@ class LSSTrainer:
 
     def local_epochs(self) -> int:
         """Passes over the local data one round costs: the probe's and every member's."""
-        return self.head_epochs * self.exclude_head + sum(
-            self.member_epochs(m) for m in range(self.pool_size)
-        )
+        # Closed form: a silo asks this of a task before running it, whatever pool_size says.
+        later = (self.pool_size - 1) * self.member_epochs(1)
+        return self.head_epochs * self.exclude_head + self.member_epochs(0) + later
 
     def member_epochs(self, member: int) -> int:
         """Epochs of member ``member`` (0-based) under the schedule."""
@@ -516,7 +368,14 @@ class LSSTrainer:
         if self.head_epochs and state.head:
             self.train_head(model, state, x, y, batch_generator)
         if self.lambda_units == "loss_grad":
-            state.lambda_scale = loss_grad_norm(model, state, x, y, self.batch_size)
+            at_anchor = {
+                n: v.detach().clone().requires_grad_()
+                for n, v in zip(
+                    state.layout.names, state.layout.views(state.pool.anchor), strict=True
+                )
+            }
+            head = {n: h.detach() for n, h in state.head.items()}
+            state.lambda_scale = loss_grad_norm(model, at_anchor, head, x, y, self.batch_size)
         ce_total, reg_total, seen, steps = 0.0, 0.0, 0, 0
         ratios: list[float] = []
         for member in range(self.pool_size):
@@ -536,14 +395,15 @@ class LSSTrainer:
             state.pool.finish_member()
         functional = {}
         if self.pool_size > 1:
-            functional = member_agreement(
-                model, state, x[:AGREEMENT_SAMPLES], y[:AGREEMENT_SAMPLES]
-            )
+            members = [state.params_at(row) for row in state.pool.frozen]
+            soup_params = state.params_at(state.pool.average())
+            n = AGREEMENT_SAMPLES
+            functional = member_agreement(model, members, soup_params, x[:n], y[:n])
             if held_out is not None:
-                more = member_agreement(model, state, *held_out)
+                more = member_agreement(model, members, soup_params, *held_out)
                 functional |= {f"held_out_{k}": v for k, v in more.items()}
         soup = self.load_result(model, state)
-        diagnostics = pool_diagnostics(state.pool, soup, state.soup)
+        diagnostics = pool_diagnostics(state.pool.anchor, state.pool.frozen, soup, state.soup)
         diagnostics["reg_to_loss_grad"] = sum(ratios) / len(ratios) if ratios else 0.0
         diagnostics["lambda_scale"] = state.lambda_scale
         # A diagnostic never costs the round its upload: a loss that is not finite (a model
@@ -698,23 +558,6 @@ class LSSTrainer:
         return soup
 
 
-def collapsed_pools(spreads: dict[str, float]) -> str | None:
-    """One line for the coordinator when most silos' pools collapsed this round, else None.
-
-    ``spreads``: each reporting silo's ``pool_spread``.
-    """
-    low = sorted(s for s, v in spreads.items() if v < ALIVE_SPREAD)
-    if not spreads or 2 * len(low) <= len(spreads):
-        return None
-    return (
-        f"the LSS pool collapsed at {len(low)} of {len(spreads)} silos ({', '.join(low[:5])}"
-        f"{', ...' if len(low) > 5 else ''}: spread "
-        f"{min(spreads.values()):.3f}-{max(spreads[s] for s in low):.3f}, alive from "
-        f"{ALIVE_SPREAD:g}), so their soups are single models: lower trainer.lambda_a or "
-        "raise trainer.lambda_d"
-    )
-
-
 @dataclass
 class PaperLSSTrainer(LSSTrainer):
     """LSS in the paper's protocol (trainer name ``lss-paper``): lambda_a = lambda_d = 3 on L2
@@ -724,82 +567,6 @@ class PaperLSSTrainer(LSSTrainer):
     lambda_a: float = 3.0
     lambda_d: float = 3.0
     head_epochs: int = 0
-
-
-@torch.no_grad()
-def _member_logits(model: nn.Module, state: RoundState, flat: Tensor, x: Tensor) -> Tensor:
-    params = dict(zip(state.layout.names, state.layout.views(flat), strict=True))
-    out = [functional_call(model, params | state.head, (xb,)) for xb in x.split(512)]
-    return torch.cat(out).float()
-
-
-def member_agreement(model: nn.Module, state: RoundState, x: Tensor, y: Tensor) -> dict[str, float]:
-    """How the pool's members differ in function on (x, y), in eval mode.
-
-    ``pool_disagreement``: the mean over member pairs of the fraction of samples on which
-    their predicted classes differ; ``soup_loss`` and ``member_loss`` (mean over members)
-    the cross-entropy of the soup and of the members.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        pool = state.pool
-        logits = [_member_logits(model, state, row, x) for row in pool.frozen]
-        soup = _member_logits(model, state, pool.average(), x)
-    finally:
-        model.train(was_training)
-    preds = [lg.argmax(1) for lg in logits]
-    pairs = [(i, j) for i in range(len(preds)) for j in range(i + 1, len(preds))]
-    disagree = [float((preds[i] != preds[j]).double().mean()) for i, j in pairs]
-    return {
-        "pool_disagreement": sum(disagree) / len(disagree) if disagree else 0.0,
-        "soup_loss": float(F.cross_entropy(soup, y)),
-        "member_loss": sum(float(F.cross_entropy(lg, y)) for lg in logits) / len(logits),
-        "soup_accuracy": float((soup.argmax(1) == y).double().mean()),
-        "member_accuracy": sum(float((p == y).double().mean()) for p in preds) / len(preds),
-    }
-
-
-def loss_grad_norm(
-    model: nn.Module, state: RoundState, x: Tensor, y: Tensor, batch_size: int
-) -> float:
-    """Mean over the local batches of the norm of the loss's gradient over the pooled weights
-    at f_p (with the shared head as it is); BatchNorm statistics are left untouched."""
-    params = [v.detach().clone().requires_grad_() for v in state.layout.views(state.pool.anchor)]
-    named = dict(zip(state.layout.names, params, strict=True))
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    head = {n: h.detach() for n, h in state.head.items()}
-    norms = []
-    for idx in torch.arange(len(x), device=x.device).split(batch_size):
-        logits = functional_call(model, named | head | buffers, (x[idx],))
-        grads = torch.autograd.grad(
-            F.cross_entropy(logits.float(), y[idx]), params, allow_unused=True
-        )
-        sq = sum(float(g.square().sum()) for g in grads if g is not None)
-        norms.append(math.sqrt(sq))
-    return sum(norms) / max(len(norms), 1)
-
-
-def pool_diagnostics(pool: Pool, soup: Tensor, scratch: Tensor) -> dict[str, float]:
-    """RMS distance of the soup to f_p, and (N > 1) the smallest RMS distance between members.
-
-    RMS whatever ``rms_distances`` says, so the figures compare across models and runs.
-    """
-    out = {
-        "distance_to_global": math.sqrt(
-            float(sq_distances(soup, pool.anchor[None], None, scratch, rms=True)[0])
-        )
-    }
-    if pool.size > 1:
-        sq = pairwise_sq_distances(pool.frozen, None, scratch, rms=True)
-        off = sq[~torch.eye(pool.size, dtype=torch.bool)]
-        out["min_member_distance"] = math.sqrt(float(off.min().clamp_min(0)))
-        travel = sq_distances(pool.anchor, pool.frozen, None, scratch, rms=True).clamp_min(0)
-        mean_travel = float(travel.sqrt().mean())
-        out["pool_spread"] = (
-            float(off.clamp_min(0).sqrt().mean()) / mean_travel if mean_travel > 0 else 0.0
-        )
-    return out
 
 
 @torch.no_grad()
