@@ -447,6 +447,8 @@ def test_amp_is_ignored_on_cpu() -> None:
         {"lambda_d": -1.0},
         {"optimizer": "lion"},
         {"schedule": "linear"},
+        {"lambda_units": "rms"},
+        {"head_epochs": -1},
     ],
 )
 def test_bad_options(bad: dict) -> None:

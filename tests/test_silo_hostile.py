@@ -213,3 +213,19 @@ def test_silo_asks_again_after_a_call_turned_away(data, caplog):
     assert any("RESOURCE_EXHAUSTED: task turned away for now" in m for m in said), said
     assert any("interrupted: CANCELLED: download turned away for now" in m for m in said), said
     assert any("interrupted: ABORTED: upload turned away for now" in m for m in said), said
+
+
+@pytest.mark.parametrize(
+    ("trainer", "epochs"),
+    [
+        ({"name": "lss", "pool_size": 10**12}, 8 * 10**12),  # counted, never looped over
+        ({"name": "lss", "pool_size": 200, "exclude_head": True}, 8 + 200 * 8),
+        ({"name": "lss-paper", "pool_size": 2000, "schedule": "authors"}, 8 + 1999),
+    ],
+)
+def test_an_lss_task_is_counted_in_local_epochs_before_it_runs(trainer: dict, epochs: int):
+    from lssfl.silo.daemon import TaskRefused, check_task
+
+    task = cpb.Task(model_json=json.dumps(MODEL), trainer_json=json.dumps(trainer))
+    with pytest.raises(TaskRefused, match=f"task asks for {epochs} local epochs, more than"):
+        check_task(task, (), 1000, 64)
