@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 
 from lssfl.common.models import build_model
+from lssfl.training.loop import LocalSteps, local_step
 from lssfl.training.lss import LSSTrainer, sample_alphas
-from lssfl.training.trainers import local_step, make_optimizer
 
 POOL_SIZE = 4
 
@@ -42,7 +42,7 @@ def _setup(args: argparse.Namespace, variant: str) -> tuple[Callable[[], object]
     count = sum(p.numel() for p in model.parameters())
     model.train()
     if variant == "fedavg":
-        opt = make_optimizer("adam", model.parameters(), 1e-3, 0.9, 0.0)
+        opt = LocalSteps(lr=1e-3).make_optimizer(model.parameters())
         return (lambda: local_step(model, opt, x, y)), count
 
     trainer = LSSTrainer(pool_size=POOL_SIZE, batch_size=args.batch)

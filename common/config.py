@@ -216,8 +216,6 @@ def build_section(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _check(cfg: RunConfig) -> None:
-    from lssfl.common.models import build_model, check_head
-
     if cfg.run.rounds < 1:
         raise ConfigError("run.rounds must be at least 1")
     if not cfg.silos:
@@ -293,23 +291,9 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("model.init 'pretrained' needs model.name resnet18/resnet50 and weights")
     if cfg.model.init == "pretrain" and cfg.data.kind != "embedded":
         raise ConfigError("model.init 'pretrain' needs data.kind 'embedded'")
-    try:
-        model = build_model(cfg.model_spec)
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
-    head_aware = [
-        f"trainer.{k}" for k in ("exclude_head", "head_only") if cfg.trainer.get(k) is True
-    ]
-    if cfg.model.init == "pretrain":
-        head_aware.append("model.init: pretrain")
-    if head_aware:
-        num_classes = cfg.model.kwargs.get("num_classes")
-        try:
-            check_head(model, num_classes if isinstance(num_classes, int) else None)
-        except ValueError as exc:
-            raise ConfigError(f"model ({', '.join(head_aware)}): {exc}") from None
-    # The hyper-parameters are the trainer's to check (lssfl.training.spec): common knows no
-    # trainer. Only what the coordinator itself reads is checked here.
+    # The trainer section, and the model against it, are the trainer's to check
+    # (lssfl.training.spec.resolve_trainer): common knows no trainer and builds no model.
+    # Only what the coordinator itself reads is checked here.
     if not isinstance(cfg.trainer.get("name"), str):
         raise ConfigError(f"trainer.name must be a string, got {cfg.trainer.get('name')!r}")
 
@@ -323,11 +307,6 @@ def parse_config(data: Any, source: str = "<dict>") -> RunConfig:
         _check(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    if cfg.trainer.get("name") in ("lss", "lss-paper") and "exclude_head" not in cfg.trainer:
-        # Every init but "random" gives the model a fresh classifier head (the paper's
-        # setting), which LSS keeps out of the pool: pooled, the affinity term holds the
-        # new head near its random start.
-        cfg.trainer["exclude_head"] = cfg.model.init != "random"
     cfg.source = source
     return cfg
 
@@ -352,8 +331,8 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The config as plain data, every default filled in except the trainer's (the trainer
-    section as given; ``lssfl.training.spec.effective_config`` fills that in too)."""
+    """The config as plain data, every default filled in; the trainer section as it stands
+    (every default too once ``lssfl.training.spec.resolve_trainer`` resolved it)."""
     d = dataclasses.asdict(cfg)
     d.pop("source")
     return d

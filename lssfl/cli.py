@@ -252,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             return _certs(args)
         if args.command == "init":
             return _init(args.out, args.force)
-        from lssfl.training.spec import check_trainer, effective_config
+        from lssfl.training.spec import effective_config, resolve_trainer
 
-        cfg = load_config(args.config)
-        check_trainer(cfg)  # common does not know the trainers' parameters
+        # Once: common does not know the trainers' parameters; the coordinator sends what this
+        # resolves and records.
+        cfg = resolve_trainer(load_config(args.config))
         if args.command == "config":
             import yaml
 

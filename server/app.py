@@ -31,7 +31,9 @@ log = logging.getLogger("lssfl.coordinator")
 
 
 def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> int:
-    """Serve one run to the end. Returns the process exit code."""
+    """Serve one run to the end. Returns the process exit code. ``cfg``: resolved
+    (lssfl.training.spec.resolve_trainer), so that the trainer spec the coordinator sends
+    the silos is the one config.yaml and the run identity record."""
     try:
         cfg = with_evaluation_resolved(cfg)
     except ConfigError as exc:

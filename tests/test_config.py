@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from lssfl.common.config import ConfigError, load_config, parse_config
-from lssfl.training.spec import check_trainer, trainer_spec
+from lssfl.training.spec import resolve_trainer, trainer_spec
 
 BASE = {"silos": ["a", "b"], "trainer": {"name": "fedavg", "epochs": 1}}
 
@@ -24,7 +24,6 @@ def test_defaults_and_int_to_float():
         ({"silos": "a"}, "silos must be a list"),
         ({"silos": []}, "silos must list"),
         ({"trainer": {"epochs": 2}}, "trainer.name must be a string, got None"),
-        ({"model": {"name": "vgg"}}, "unknown model 'vgg'"),
         ({"data": {"kind": "s3"}}, "data.kind must be"),
         ({"coordinator": {"save_uploads": 1}}, "save_uploads must be true/false"),
     ],
@@ -33,6 +32,13 @@ def test_errors_name_the_key(patch, message):
     with pytest.raises(ConfigError, match="^x.yaml: ") as info:
         parse_config({**BASE, **patch}, "x.yaml")
     assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_model_errors_name_the_key_when_the_trainer_is_resolved():
+    cfg = parse_config({**BASE, "model": {"name": "vgg"}}, "x.yaml")  # common builds no model
+    with pytest.raises(ConfigError, match="^x.yaml: model: unknown model 'vgg'") as info:
+        resolve_trainer(cfg)
     assert "\n" not in str(info.value)
 
 
@@ -98,9 +104,9 @@ def test_file_errors(tmp_path):
     ],
 )
 def test_lss_keeps_a_replaced_head_out_of_the_pool_by_default(model, trainer, expected):
-    cfg = parse_config({**BASE, "model": model, "trainer": trainer})
+    cfg = resolve_trainer(parse_config({**BASE, "model": model, "trainer": trainer}))
     assert cfg.trainer["exclude_head"] is expected
-    assert "exclude_head" not in parse_config(BASE).trainer  # other trainers untouched
+    assert "exclude_head" not in resolve_trainer(parse_config(BASE)).trainer  # not fedavg's
 
 
 def test_shipped_demo_config_is_valid():
@@ -134,18 +140,18 @@ def test_yaml_exponent_floats_are_numbers_in_every_float_field(tmp_path):
         "data: {alpha: 5e-1}\n"
         "trainer: {name: lss, lr: 1e-3, lambda_a: 1e1}\n"
     )
-    cfg = load_config(path)
-    check_trainer(cfg)  # the trainer's keys are typed by the trainer (lssfl.training.spec)
+    # The trainer's keys are typed by the trainer (lssfl.training.spec).
+    cfg = resolve_trainer(load_config(path))
     assert cfg.coordinator.round_deadline_s == 300.0 and cfg.coordinator.max_upload_mb == 1000.0
     assert cfg.data.alpha == 0.5
     assert cfg.trainer["lr"] == 0.001 and cfg.trainer["lambda_a"] == 10.0
     assert isinstance(cfg.trainer["lr"], float)
     for bad in ("1e-3x", "fast", ""):
         with pytest.raises(ConfigError, match=f"trainer.lr must be a number, got '{bad}'"):
-            check_trainer(parse_config({**BASE, "trainer": {"name": "fedavg", "lr": bad}}))
+            resolve_trainer(parse_config({**BASE, "trainer": {"name": "fedavg", "lr": bad}}))
     # Integers stay integers: "1e3" is no epoch count.
     with pytest.raises(ConfigError, match="trainer.epochs must be an integer"):
-        check_trainer(parse_config({**BASE, "trainer": {"name": "fedavg", "epochs": "1e3"}}))
+        resolve_trainer(parse_config({**BASE, "trainer": {"name": "fedavg", "epochs": "1e3"}}))
 
 
 def test_embedded_domains_are_checked_in_the_config():
@@ -167,7 +173,8 @@ def test_lss_on_a_random_start_is_told_before_the_run():
     from lssfl.training.spec import trainer_warnings
 
     def warnings(init: str, trainer: dict) -> list[str]:
-        return trainer_warnings(parse_config({**BASE, "model": {"init": init}, "trainer": trainer}))
+        cfg = parse_config({**BASE, "model": {"init": init}, "trainer": trainer})
+        return trainer_warnings(resolve_trainer(cfg))
 
     (line,) = warnings("random", {"name": "lss-paper"})
     assert "random start" in line and "lambda_a 3" in line and "model.init: pretrain" in line

@@ -237,12 +237,13 @@ def test_crash_between_commit_and_metrics_line_then_resume_with_more_rounds(
 def test_each_changed_key_is_refused_on_resume(base, reference, caplog, section, change, named):
     from lssfl.common.config import load_config
     from lssfl.server.app import run_coordinator
+    from lssfl.training.spec import resolve_trainer
 
     root, _ = base
     changed = make_config(root, f"changed-{section}.yaml", **{**SECTIONS, **change})
     run_dir = root / "reference"
     before = (run_dir / "state.db").read_bytes()
-    assert run_coordinator(load_config(changed), run_dir) == 2
+    assert run_coordinator(resolve_trainer(load_config(changed)), run_dir) == 2
     assert "holds a run with a different config" in caplog.text
     assert named in caplog.text
     assert (run_dir / "state.db").read_bytes() == before

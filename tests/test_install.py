@@ -14,7 +14,7 @@ import yaml
 
 from lssfl import __version__
 from lssfl.common.config import load_config
-from lssfl.training.spec import check_trainer
+from lssfl.training.spec import resolve_trainer
 from tests.conftest import run_lssfl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,8 +53,8 @@ def test_init_writes_the_configs_and_refuses_to_overwrite(tmp_path):
 
 
 def test_commented_config_is_for_separate_machines():
-    cfg = load_config(ROOT / "configs" / "run.yaml")
-    check_trainer(cfg)  # the trainer's keys are typed by the trainer, as `lssfl run` does
+    # The trainer's keys are typed by the trainer, as `lssfl run` does.
+    cfg = resolve_trainer(load_config(ROOT / "configs" / "run.yaml"))
     assert cfg.coordinator.host == "0.0.0.0" and cfg.coordinator.port == 50051
     assert cfg.security.tls and cfg.security.tokens and cfg.model.init == "random"
     assert isinstance(cfg.trainer["lr"], float)  # written `3e-3`, a string to PyYAML

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,15 +22,34 @@ def batches(
     yield from progress(parts, len(parts), "train epoch", " batches")
 
 
-def make_optimizer(
-    name: str, params: Any, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """Adam or SGD over ``params``; ValueError for another name."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; known: adam, sgd")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class LocalSteps:
+    """The batch size and optimizer every local trainer shares, checked once here.
+
+    Defaults are the paper's: Adam 5e-4, batch 64. A trainer dataclass inherits these
+    fields (they come first in its spec) and calls ``super().__post_init__()``.
+    """
+
+    batch_size: int = 64
+    lr: float = 5e-4
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: adam, sgd")
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """A fresh Adam or SGD over ``params`` with these settings."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 def local_step(

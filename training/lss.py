@@ -101,7 +101,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lssfl.common.models import head_parameter_names
-from lssfl.training.loop import batches, make_optimizer
+from lssfl.training.loop import LocalSteps, batches
 from lssfl.training.lss_distances import (
     AFFINITIES,
     DIVERSITIES,
@@ -276,7 +276,7 @@ class RoundState:
 
 
 @dataclass
-class LSSTrainer:
+class LSSTrainer(LocalSteps):
     """Local Superior Soups; see the module docstring. One epoch = one pass over the local data.
 
     The defaults are lssfl's: the paper's Adam 5e-4, batch 64 and N = 4 members of 8 epochs
@@ -290,11 +290,6 @@ class LSSTrainer:
 
     pool_size: int = 4
     epochs_per_member: int = 8
-    batch_size: int = 64
-    lr: float = 5e-4
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
     lambda_a: float = 0.0
     lambda_d: float = 0.0
     affinity: str = "l2"  # "l2" (paper) or "sq_l2" (authors' code)
@@ -314,6 +309,7 @@ class LSSTrainer:
     head_epochs: int = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("pool_size", "epochs_per_member", "batch_size", "interp_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lss: {name} must be >= 1, got {getattr(self, name)}")
@@ -330,8 +326,6 @@ class LSSTrainer:
             raise ValueError(f"lss: head_epochs must be >= 0, got {self.head_epochs}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"lss: schedule {self.schedule!r} not in {SCHEDULES}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"lss: unknown optimizer {self.optimizer!r}; known: adam, sgd")
 
     def local_epochs(self) -> int:
         """Passes over the local data one round costs: the probe's and every member's."""
@@ -458,9 +452,7 @@ class LSSTrainer:
     ) -> None:
         """Linear probe: ``head_epochs`` epochs of the shared head alone, the rest held at f_p."""
         frozen = dict(zip(state.layout.names, state.layout.views(state.pool.anchor), strict=True))
-        opt = make_optimizer(
-            self.optimizer, list(state.head.values()), self.lr, self.momentum, self.weight_decay
-        )
+        opt = self.make_optimizer(list(state.head.values()))
         for _ in range(self.head_epochs):
             for idx in batches(len(x), self.batch_size, gen, x.device):
                 logits = functional_call(model, frozen | state.head, (x[idx],))
@@ -477,13 +469,7 @@ class LSSTrainer:
                 pool.frozen, state.weight, state.soup, self.rms_distances
             )
         params = pool.start_member()
-        return make_optimizer(
-            self.optimizer,
-            params + list(state.head.values()),
-            self.lr,
-            self.momentum,
-            self.weight_decay,
-        )
+        return self.make_optimizer(params + list(state.head.values()))
 
     def step(
         self,

@@ -18,7 +18,7 @@ from torch import nn
 
 from lssfl.common.models import head_parameter_names
 from lssfl.common.plugins import is_import_path, load_import_path
-from lssfl.training.loop import batches, local_step, make_optimizer
+from lssfl.training.loop import LocalSteps, batches, local_step
 from lssfl.training.lss import LSSTrainer, PaperLSSTrainer
 
 
@@ -102,7 +102,7 @@ def _trainable(model: nn.Module, head_only: bool) -> Iterator[list[nn.Parameter]
 
 
 @dataclass
-class FedAvgTrainer:
+class FedAvgTrainer(LocalSteps):
     """Plain local epochs of Adam or SGD (McMahan et al., 2017).
 
     Defaults are the paper's FedAvg baseline for LSS: 8 epochs of Adam 5e-4, batch 64.
@@ -111,11 +111,6 @@ class FedAvgTrainer:
     """
 
     epochs: int = 8
-    batch_size: int = 64
-    lr: float = 5e-4
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
     head_only: bool = False
 
     def train(
@@ -135,7 +130,7 @@ class FedAvgTrainer:
     ) -> dict[str, float]:
         """The shared body: trainable parameters, optimizer, epochs; the hooks specialise it."""
         with _trainable(model, self.head_only) as params:
-            opt = make_optimizer(self.optimizer, params, self.lr, self.momentum, self.weight_decay)
+            opt = self.make_optimizer(params)
             return _local_epochs(
                 model,
                 opt,
@@ -160,6 +155,7 @@ class FedProxTrainer(FedAvgTrainer):
     mu: float = 0.01
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mu < 0:
             raise ValueError(f"fedprox: mu must be >= 0, got {self.mu}")
 
@@ -195,6 +191,7 @@ class SWATrainer(FedAvgTrainer):
     swa_start: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.swa_start < self.epochs:
             raise ValueError(
                 f"swa: swa_start must be in [0, epochs), got {self.swa_start} with "
