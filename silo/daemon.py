@@ -1,65 +1,55 @@
 """SiloDaemon: dials out to the coordinator, trains on private data, uploads the result.
 
 The data never leaves this process; only state dicts travel. If the coordinator is away
-(restart, network cut) the daemon retries with exponential backoff and joins again.
+(restart, network cut) the daemon retries with exponential backoff and joins again. Every
+task goes the same way: checked (lssfl.silo.task), its model fetched, trained or measured,
+the result published.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import torch
 from torch import Tensor
 
 from lssfl import __version__
-from lssfl.common.codecs import CodecError, ErrorFeedback, parse_codec
-from lssfl.common.config import ConfigError
 from lssfl.common.faults import crash_point
 from lssfl.common.logs import one_line
 from lssfl.common.models import build_model, evaluate, statistics_names
 from lssfl.common.peertext import MAX_PEER_REASON, peer_text
-from lssfl.common.plugins import check_allowed, is_import_path
+from lssfl.common.pipeline import HeldModel, UplinkEncoder
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import SILO_HEADER, TOKEN_HEADER, channel_credentials, read_secret
-from lssfl.common.seeding import seed_of
 from lssfl.common.silodata import (
     ImageTransform,
-    LazyImages,
     SiloData,
     as_tensor,
     check_num_classes,
     open_silo_data,
-    subset,
 )
 from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
-from lssfl.common.wire import (
-    FP32,
-    DecodedModel,
-    Outgoing,
-    WireError,
-    decode_model,
-    pack_state,
-    stream_tensors,
-)
+from lssfl.common.wire import DecodedModel, Outgoing, WireError, stream_tensors
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
-from lssfl.training.spec import trainer_spec
-from lssfl.training.trainers import make_trainer
+from lssfl.silo.holdout import Images, drawn_split, evaluation_settings
+from lssfl.silo.task import CheckedTask, SiloLimits, TaskRefused, check_received, check_task
+
+__all__ = ["CoordinatorUnreachable", "SiloDaemon", "SiloRefused", "TaskRefused"]
 
 log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")
-Images = Tensor | LazyImages
 
 # Answers after which the silo asks again (with backoff) instead of stopping: the coordinator is
 # unreachable or slow, or it turned a call away for now: a stream cancelled by its watchdog or
@@ -72,6 +62,9 @@ RETRY_CODES = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
 )
+# Answers to a download, upload or report that end this task only: the round moved on, or
+# the coordinator will not take it.
+TURNED_AWAY = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 # Defaults of `lssfl silo --max-epochs / --max-model-mb`: what a task may ask of this silo.
 MAX_EPOCHS = 1000
 MAX_MODEL_MB = 4096.0
@@ -92,89 +85,14 @@ class SiloRefused(RuntimeError):
 class CoordinatorUnreachable(RuntimeError):
     """The coordinator did not answer within the silo's ``max_wait``."""
 
-    pass
-
 
 class _Rejoin(Exception):
     """The coordinator forgot us (restart, new run): join again."""
 
 
-class TaskRefused(Exception):
-    """This silo will not or cannot do the task; the message is one line saying why."""
-
-
-def _said(exc: grpc.RpcError) -> str:
+def _peer_reason(exc: grpc.RpcError) -> str:
     """The coordinator's message in a refusal, escaped and bounded for our log."""
     return peer_text(exc.details() or exc.code().name, MAX_PEER_REASON)
-
-
-def check_task(
-    task: cpb.Task, allowed_plugins: Collection[str], max_epochs: int, max_model_mb: float
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The task's model spec and trainer spec, every field checked against this silo's limits;
-    TaskRefused (one line) for a field a coordinator should never send: unparsable JSON, an
-    unknown or oversized model, a trainer parameter of the wrong type or out of bounds, too
-    many epochs, an unknown codec. PluginNotAllowed (the silo stops) for an import path its
-    command line does not allow, before anything is imported."""
-    try:
-        model_spec = json.loads(task.model_json)
-        trainer = json.loads(task.trainer_json)
-    except ValueError as exc:
-        raise TaskRefused(
-            f"task JSON does not parse: {peer_text(one_line(exc, typed=True), 300)}"
-        ) from None
-    if not isinstance(model_spec, dict) or not isinstance(trainer, dict):
-        raise TaskRefused("task model and trainer must be JSON objects")
-    check_allowed(str(model_spec.get("name")), allowed_plugins, "model")
-    check_allowed(str(trainer.get("name")), allowed_plugins, "trainer")
-    try:
-        spec = trainer_spec(trainer)
-        parse_codec(task.uplink_codec or "fp32")
-        if not is_import_path(str(model_spec.get("name"))):
-            # On the meta device: an architecture of 10^12 parameters is refused unallocated.
-            # (A site's own model, allowed by its operator, is bounded by its download.)
-            with torch.device("meta"):
-                meta_model = build_model(model_spec)
-            sizes = (t.numel() * t.element_size() for t in meta_model.state_dict().values())
-            model_mb = sum(sizes) / 2**20
-            if model_mb > max_model_mb:
-                raise TaskRefused(
-                    f"model of {model_mb:.0f} MB exceeds --max-model-mb {max_model_mb:g}"
-                )
-    except (ValueError, TypeError, ConfigError, CodecError) as exc:
-        raise TaskRefused(peer_text(" ".join(str(exc).split()), 300)) from None
-    for key, value in spec.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise TaskRefused(f"trainer.{key} is {value}, not a finite number")
-    if "batch_size" in spec and spec["batch_size"] < 1:
-        raise TaskRefused(f"trainer.batch_size must be >= 1, got {spec['batch_size']}")
-    if "epochs" in spec and spec["epochs"] < 1:
-        raise TaskRefused(f"trainer.epochs must be >= 1, got {spec['epochs']}")
-    # Plain trainers run `epochs`; a trainer with a schedule of its own (LSS) says how many.
-    local_epochs = getattr(make_trainer(spec), "local_epochs", None)
-    epochs = local_epochs() if callable(local_epochs) else spec.get("epochs", 1)
-    if epochs > max_epochs:
-        raise TaskRefused(
-            f"task asks for {epochs} local epochs, more than --max-epochs {max_epochs}"
-        )
-    return model_spec, spec
-
-
-def check_received(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """TaskRefused unless ``state`` has exactly the model's tensors, shapes and dtypes."""
-    expected = model.state_dict()
-    if set(state) != set(expected):
-        odd = sorted(set(state) ^ set(expected))[0]
-        raise TaskRefused(
-            f"received model does not fit the task's architecture (tensor {peer_text(odd)!r})"
-        )
-    for name, ref in expected.items():
-        t = state[name]
-        if t.shape != ref.shape or t.dtype != ref.dtype:
-            raise TaskRefused(
-                f"received tensor {name!r} is {t.dtype} {list(t.shape)}, the model has "
-                f"{ref.dtype} {list(ref.shape)}"
-            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,6 +105,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclass
+class _Trained:
+    """What a TRAIN task's local work leaves to publish."""
+
+    model: torch.nn.Module
+    metrics: dict[str, float]
+    num_samples: int
+    seconds: float
+    evaluation: pb.Evaluation | None
+
+
 class SiloDaemon:
     """One silo: joins, polls for tasks, trains its private data, uploads."""
 
@@ -196,6 +125,7 @@ class SiloDaemon:
         silo_id: str,
         data: SiloData,
         device: torch.device,
+        *,
         max_wait_s: float = 300.0,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
@@ -210,10 +140,9 @@ class SiloDaemon:
         naming another one ends the silo with PluginNotAllowed (lssfl.common.plugins).
         ``max_epochs`` and ``max_model_mb`` bound what a task may ask of this silo."""
         self.address = coordinator
-        self.allowed_plugins = frozenset(allowed_plugins)
-        self.max_epochs = max_epochs
-        self.max_model_mb = max_model_mb
-        self._refused: tuple[str, int] | None = None  # (run, round) this silo gave up on
+        self.limits = SiloLimits(frozenset(allowed_plugins), max_epochs, max_model_mb)
+        # (run, round, kind) of the task this silo gave up on
+        self._refused: tuple[str, int, int] | None = None
         self._tls_files = tls_files
         self.silo_id = silo_id
         self.data = data
@@ -234,8 +163,8 @@ class SiloDaemon:
         )
         self._stub = coordinator_stub(self._channel)
         self._stop = threading.Event()
-        self._held: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._feedback = ErrorFeedback()
+        self.held_model = HeldModel()  # the base of the next download's delta
+        self._uplink = UplinkEncoder()  # top-k's residuals, carried between rounds
         on_device = data.to(device)
         self._x, self._y = on_device.x, on_device.y
         self._own_test = on_device.test
@@ -247,24 +176,11 @@ class SiloDaemon:
         test split when it has one, else a fraction of its data drawn from (run seed, silo)."""
         if self._eval_split is not None and self._eval_split[0] == evaluation_json:
             return self._eval_split[1:]
-        settings = _evaluation_settings(evaluation_json)
+        settings = evaluation_settings(evaluation_json)
         if self._own_test is not None:
-            test = self._own_test
-            split = (self._x, self._y, test.x, test.y)
+            split = (self._x, self._y, self._own_test.x, self._own_test.y)
         else:
-            n = len(self._y)
-            generator = torch.Generator().manual_seed(
-                seed_of("holdout", settings["seed"], self.silo_id)
-            )
-            order = torch.randperm(n, generator=generator)
-            cut = min(n - 1, max(1, round(settings["holdout"] * n)))
-            held, train = order[:cut].sort().values, order[cut:].sort().values
-            split = (
-                subset(self._x, train),
-                self._y[train.to(self.device)],
-                subset(self._x, held),
-                self._y[held.to(self.device)],
-            )
+            split = drawn_split(self._x, self._y, settings=settings, silo_id=self.silo_id)
         log.info(
             "silo=%s evaluates on %d held-out samples (%s), trains on %d",
             self.silo_id,
@@ -282,6 +198,7 @@ class SiloDaemon:
         silo_id: str,
         data_dir: Path,
         device: str = "auto",
+        *,
         max_wait_s: float = 300.0,
         ca: Path | None = None,
         cert: Path | None = None,
@@ -304,13 +221,13 @@ class SiloDaemon:
             silo_id,
             data,
             resolve_device(device),
-            max_wait_s,
-            credentials,
-            token,
-            (ca, cert, key),
-            allowed_plugins,
-            max_epochs,
-            max_model_mb,
+            max_wait_s=max_wait_s,
+            credentials=credentials,
+            token=token,
+            tls_files=(ca, cert, key),
+            allowed_plugins=allowed_plugins,
+            max_epochs=max_epochs,
+            max_model_mb=max_model_mb,
         )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
@@ -323,9 +240,9 @@ class SiloDaemon:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    raise SiloRefused(_said(exc)) from None
+                    raise SiloRefused(_peer_reason(exc)) from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise _Rejoin(_said(exc)) from None
+                    raise _Rejoin(_peer_reason(exc)) from None
                 if code not in RETRY_CODES:
                     raise
                 if self._tls_files is not None:
@@ -347,7 +264,7 @@ class SiloDaemon:
                     or (
                         f"coordinator unavailable ({code.name})"
                         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                        else f"{code.name}: {_said(exc)}"
+                        else f"{code.name}: {_peer_reason(exc)}"
                     ),
                     delay,
                 )
@@ -372,7 +289,7 @@ class SiloDaemon:
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise SiloRefused(_said(exc)) from None
+                raise SiloRefused(_peer_reason(exc)) from None
             raise
         # Both come from the coordinator: a run id for our logs, an interval we obey.
         self.run_id = reply.run_id
@@ -407,51 +324,8 @@ class SiloDaemon:
         try:
             self.join()
             beat.start()
-            while True:
-                try:
-                    task = self._retry(
-                        "get task",
-                        lambda: self._stub.GetTask(
-                            cpb.TaskRequest(silo_id=self.silo_id, run_id=self.run_id),
-                            timeout=30,
-                            metadata=self._metadata,
-                        ),
-                    )
-                    if task.kind == cpb.Task.DONE:
-                        log.info("silo=%s run %s is over", self.silo_id, peer_text(task.run_id))
-                        return
-                    if task.kind == cpb.Task.TRAIN:
-                        if self._refused == (task.run_id, task.round):
-                            time.sleep(1.0)  # already said why; wait for the next round
-                            continue
-                        try:
-                            self.train_round(task)
-                        except TaskRefused as exc:
-                            self._refuse(task, str(exc))
-                    elif task.kind == cpb.Task.EVALUATE:
-                        self.evaluate_final(task)
-                except WireError as exc:
-                    # A stream that does not decode (or a delta against a model we no longer
-                    # hold): forget the held model and ask again for the whole one.
-                    log.warning("silo=%s round=%d bad download: %s", self.silo_id, self.round, exc)
-                    self._held = None
-                    time.sleep(1.0)
-                except grpc.RpcError as exc:
-                    if exc.code() not in RETRY_CODES:
-                        raise
-                    # Lost the coordinator mid-round, or it cut a stream short: ask again; if
-                    # the round is still open it hands out the same task.
-                    log.warning(
-                        "silo=%s round=%d interrupted: %s: %s",
-                        self.silo_id,
-                        self.round,
-                        exc.code().name,
-                        _said(exc),
-                    )
-                    time.sleep(1.0)
-                except _Rejoin as exc:
-                    log.warning("silo=%s %s; joining again", self.silo_id, exc)
-                    self.join()
+            while self._serve_next():
+                pass
         finally:
             # Join the heartbeat thread before closing the channel: a gRPC call still in
             # flight at interpreter exit aborts the process ("terminate called ...").
@@ -460,11 +334,65 @@ class SiloDaemon:
                 beat.join()
             self._channel.close()
 
+    def _serve_next(self) -> bool:
+        """Ask for the next task and do it; False once the run is over."""
+        try:
+            task = self._retry(
+                "get task",
+                lambda: self._stub.GetTask(
+                    cpb.TaskRequest(silo_id=self.silo_id, run_id=self.run_id),
+                    timeout=30,
+                    metadata=self._metadata,
+                ),
+            )
+            if task.kind == cpb.Task.DONE:
+                log.info("silo=%s run %s is over", self.silo_id, peer_text(task.run_id))
+                return False
+            self._do(task)
+        except WireError as exc:
+            # A stream that does not decode (or a delta against a model we no longer
+            # hold): forget the held model and ask again for the whole one.
+            log.warning("silo=%s round=%d bad download: %s", self.silo_id, self.round, exc)
+            self.held_model.forget()
+            time.sleep(1.0)
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRY_CODES:
+                raise
+            # Lost the coordinator mid-round, or it cut a stream short: ask again; if
+            # the round is still open it hands out the same task.
+            log.warning(
+                "silo=%s round=%d interrupted: %s: %s",
+                self.silo_id,
+                self.round,
+                exc.code().name,
+                _peer_reason(exc),
+            )
+            time.sleep(1.0)
+        except _Rejoin as exc:
+            log.warning("silo=%s %s; joining again", self.silo_id, exc)
+            self.join()
+        return True
+
+    def _do(self, task: cpb.Task) -> None:
+        """A TRAIN or EVALUATE task, refused in one line when it cannot be done."""
+        if task.kind not in (cpb.Task.TRAIN, cpb.Task.EVALUATE):
+            return
+        if self._refused == (task.run_id, task.round, task.kind):
+            time.sleep(1.0)  # already said why; wait for the next task
+            return
+        try:
+            if task.kind == cpb.Task.TRAIN:
+                self.train_round(task)
+            else:
+                self.evaluate_final(task)
+        except TaskRefused as exc:
+            self._refuse(task, str(exc))
+
     def _refuse(self, task: cpb.Task, reason: str) -> None:
-        """Say in one line why this round's task is not done, and tell the coordinator so
-        that it stops waiting for this silo; the daemon then waits for the next task."""
+        """Say in one line why this task is not done, and tell the coordinator so that it
+        stops waiting for this silo; the daemon then waits for the next task."""
         log.error("round=%d silo=%s task refused: %s", task.round, self.silo_id, reason)
-        self._refused = (task.run_id, task.round)
+        self._refused = (task.run_id, task.round, task.kind)
         self.state = "idle"
         with contextlib.suppress(grpc.RpcError):  # the coordinator's deadline still holds
             self._stub.ReportFailure(
@@ -478,29 +406,47 @@ class SiloDaemon:
                 metadata=self._metadata,
             )
 
-    def _download(self, task: cpb.Task, keep: bool = True) -> DecodedModel:
-        """This round's model; only the change when we still hold the previous round's.
-        ``keep``: hold it as the base of the next delta (not the final model's evaluation,
-        which is sent whole and is not what a resumed run's next round is a delta to)."""
-        held_round, held = self._held if self._held and keep else (None, None)
+    # ------------------------------------------------------------------ fetch
+
+    def _fetch(self, task: cpb.Task, *, keep: bool) -> DecodedModel | None:
+        """This round's model (only the change when we hold the previous round's); None when
+        the coordinator turned the download away. ``keep``: hold it as the base of the next
+        delta (not the final model's evaluation, which is sent whole and is not what a resumed
+        run's next round is a delta to)."""
         request = cpb.DownloadRequest(silo_id=self.silo_id, run_id=task.run_id, round=task.round)
-        if held_round is not None:
-            request.have_round = held_round
-        stream = self._stub.DownloadModel(request, timeout=600, metadata=self._metadata)
-        received = decode_model(
-            progress(stream, 0, f"round {task.round} download", " messages"),
-            header_kind="download",
-            max_payload_bytes=int(self.max_model_mb * 2**20),
-            reference=held,
+        base = self.held_model.base_round(keep)
+        if base is not None:
+            request.have_round = base
+        started = time.monotonic()
+        try:
+            stream = self._stub.DownloadModel(request, timeout=600, metadata=self._metadata)
+            received = self.held_model.decode(
+                progress(stream, 0, f"round {task.round} download", " messages"),
+                round_num=task.round,
+                keep=keep,
+                max_payload_bytes=int(self.limits.max_model_mb * 2**20),
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.warning(
+                "round=%d silo=%s download refused: %s", task.round, self.silo_id, _peer_reason(exc)
+            )
+            return None
+        except WireError as exc:
+            if not keep or self.held_model.state is not None:
+                raise  # perhaps a delta against a model we no longer hold: the loop retries
+            raise TaskRefused(f"bad model download: {peer_text(str(exc), 300)}") from None
+        log.info(
+            "round=%d silo=%s downloaded %.2f MB in %.2f s",
+            task.round,
+            self.silo_id,
+            received.payload_bytes / 1e6,
+            time.monotonic() - started,
         )
-        head = received.header.download
-        if head.HasField("base_round") and head.base_round != held_round:
-            raise WireError(f"delta against round {head.base_round}, we hold {held_round}")
-        if keep:
-            self._held = (task.round, received.state)
         return received
 
-    def _model(self, model_spec: dict[str, Any], received: DecodedModel) -> torch.nn.Module:
+    def _model(self, model_spec: dict[str, object], received: DecodedModel) -> torch.nn.Module:
         """The task's model with the received weights, checked against this silo's labels."""
         model = build_model(model_spec)
         heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -508,6 +454,8 @@ class SiloDaemon:
         check_received(received.state, model)
         model.load_state_dict(received.state)
         return model.to(self.device)
+
+    # ------------------------------------------------------------------ evaluate or train
 
     def _measure(self, model: torch.nn.Module, task: cpb.Task) -> pb.Evaluation:
         """``model`` (as received) on this silo's held-out data."""
@@ -524,77 +472,16 @@ class SiloDaemon:
         )
         return pb.Evaluation(loss=loss, accuracy=accuracy, num_samples=len(y))
 
-    def evaluate_final(self, task: cpb.Task) -> None:
-        """EVALUATE: download the final model, measure it, report the figures."""
-        model_spec = json.loads(task.model_json)  # checked before downloading, as for TRAIN
-        if not isinstance(model_spec, dict):
-            raise ValueError(f"round {task.round}: the task's model spec is not a JSON object")
-        check_allowed(str(model_spec.get("name")), self.allowed_plugins, "model")
-        try:
-            received = self._download(task, keep=False)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                log.warning(
-                    "round=%d silo=%s download refused: %s", task.round, self.silo_id, exc.details()
-                )
-                return
-            raise
-        model = self._model(model_spec, received)
-        report = cpb.EvaluationReport(
-            silo_id=self.silo_id,
-            run_id=task.run_id,
-            round=task.round,
-            evaluation=self._measure(model, task),
-        )
-        try:
-            self._stub.ReportEvaluation(report, timeout=30, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            if exc.code() not in (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.INVALID_ARGUMENT,
-            ):
-                raise
-            log.warning(
-                "round=%d silo=%s evaluation refused: %s", task.round, self.silo_id, exc.details()
-            )
-
-    def train_round(self, task: cpb.Task) -> None:
-        """Download the round's model, train it locally, upload the result."""
-        r = self.round = task.round
-        # Before a byte is downloaded: the names come from the coordinator, and importing a
-        # module runs its code.
-        model_spec, trainer_params = check_task(
-            task, self.allowed_plugins, self.max_epochs, self.max_model_mb
-        )
-        t0 = time.monotonic()
-        self.state = "downloading"
-        try:
-            received = self._download(task)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                log.warning("round=%d silo=%s download refused: %s", r, self.silo_id, _said(exc))
-                return
-            raise
-        except WireError as exc:
-            if self._held is not None:
-                raise  # perhaps a delta against a model we no longer hold: the loop retries
-            raise TaskRefused(f"bad model download: {peer_text(str(exc), 300)}") from None
-        t1 = time.monotonic()
-        log.info(
-            "round=%d silo=%s downloaded %.2f MB in %.2f s",
-            r,
-            self.silo_id,
-            received.payload_bytes / 1e6,
-            t1 - t0,
-        )
-
-        self.state = "training"
-        model = self._model(model_spec, received)
+    def _train(self, checked: CheckedTask, model: torch.nn.Module, started: float) -> _Trained:
+        """Train ``model`` in place with the task's trainer (the one ``check_task`` built)
+        on this silo's training data; its held-out part measures the model first.
+        ``started``: when the local work began (the model's building included)."""
+        task, trainer = checked.task, checked.trainer
+        assert trainer is not None  # a TRAIN task's
         x, y, evaluation = self._x, self._y, None
         if task.evaluation_json:
             x, y, _, _ = self._split_for(task.evaluation_json)
             evaluation = self._measure(model, task)
-        trainer = make_trainer(trainer_params)
         torch.manual_seed(task.seed)
         try:
             metrics = trainer.train(model, as_tensor(x), y, seed=task.seed)
@@ -608,87 +495,102 @@ class SiloDaemon:
             for k, v in metrics.items()
         ):
             raise TaskRefused(
-                f"trainer {trainer_params.get('name')!r} must return a dict of metric name -> "
+                f"trainer {checked.trainer_name!r} must return a dict of metric name -> "
                 f"number, got {peer_text(str(metrics), 200)}"
             )
-        t2 = time.monotonic()
+        return _Trained(model, metrics, len(y), time.monotonic() - started, evaluation)
+
+    def evaluate_final(self, task: cpb.Task) -> None:
+        """EVALUATE: check the task, download the final model, measure it, report."""
+        checked = check_task(task, self.limits)  # before a byte is downloaded
+        received = self._fetch(task, keep=False)
+        if received is None:
+            return
+        model = self._model(checked.model_spec, received)
+        report = cpb.EvaluationReport(
+            silo_id=self.silo_id,
+            run_id=task.run_id,
+            round=task.round,
+            evaluation=self._measure(model, task),
+        )
+        try:
+            self._stub.ReportEvaluation(report, timeout=30, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() not in TURNED_AWAY:
+                raise
+            log.warning(
+                "round=%d silo=%s evaluation refused: %s", task.round, self.silo_id, exc.details()
+            )
+
+    def train_round(self, task: cpb.Task) -> None:
+        """TRAIN: check the task, download the round's model, train it locally, upload."""
+        self.round = task.round
+        # Before a byte is downloaded: the names come from the coordinator, and importing a
+        # module runs its code.
+        checked = check_task(task, self.limits)
+        self.state = "downloading"
+        received = self._fetch(task, keep=True)
+        if received is None:
+            return
+        self.state = "training"
+        started = time.monotonic()
+        trained = self._train(checked, self._model(checked.model_spec, received), started)
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",
-            r,
+            task.round,
             self.silo_id,
-            trainer_params.get("name"),
-            len(y),
-            t2 - t1,
-            " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+            checked.trainer_name,
+            trained.num_samples,
+            trained.seconds,
+            " ".join(f"{k}={v:.4g}" for k, v in trained.metrics.items()),
         )
-
         self.state = "uploading"
+        try:
+            self._publish(checked, received, trained)
+        finally:
+            self.state = "idle"
+
+    # ------------------------------------------------------------------ publish
+
+    def _publish(self, checked: CheckedTask, received: DecodedModel, trained: _Trained) -> None:
+        """Upload the trained model under the task's codec (lssfl.common.pipeline)."""
+        task, r = checked.task, checked.task.round
+        started = time.monotonic()
         header = pb.ModelChunk(
             upload=pb.UploadHeader(
                 run_id=task.run_id,
                 round=r,
                 silo_id=self.silo_id,
-                num_samples=len(y),
-                train_seconds=t2 - t1,
-                metrics=metrics,
-                evaluation=evaluation,
+                num_samples=trained.num_samples,
+                train_seconds=trained.seconds,
+                metrics=trained.metrics,
+                evaluation=trained.evaluation,
             )
         )
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        codec = parse_codec(task.uplink_codec or "fp32")
-        if codec.topk is not None:
-            self._feedback.start_round(r)
-        # Lossy codecs send the update against what was received: small, centred values.
-        # Top-k keeps what it dropped for the next round (error feedback).
-        tensors = (
-            pack_state(state)
-            if codec == FP32
-            else pack_state(
-                state,
-                codec,
-                received.state,
-                self._feedback if codec.topk is not None else None,
-                exact=statistics_names(model),
-            )
+        state = {k: v.detach().cpu() for k, v in trained.model.state_dict().items()}
+        tensors = self._uplink.encode(
+            state,
+            checked.uplink_codec,
+            received=received.state,
+            exact=statistics_names(trained.model),
+            round_num=r,
         )
+        messages = _with_crash_point(stream_tensors(tensors, header), f"upload:{r}")
         try:
             reply = self._stub.UploadResult(
-                progress(
-                    _with_crash_point(stream_tensors(tensors, header), f"upload:{r}"),
-                    0,
-                    f"round {r} upload",
-                    " messages",
-                ),
+                progress(messages, 0, f"round {r} upload", " messages"),
                 timeout=600,
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            if exc.code() in (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.INVALID_ARGUMENT,
-            ):
-                log.warning("round=%d silo=%s upload refused: %s", r, self.silo_id, _said(exc))
-                return
-            raise
-        finally:
-            self.state = "idle"
+            if exc.code() not in TURNED_AWAY:
+                raise
+            log.warning("round=%d silo=%s upload refused: %s", r, self.silo_id, _peer_reason(exc))
+            return
         log.info(
             "round=%d silo=%s uploaded in %.2f s: %s",
             r,
             self.silo_id,
-            time.monotonic() - t2,
+            time.monotonic() - started,
             reply.message,
         )
-
-
-def _evaluation_settings(text: str) -> dict[str, Any]:
-    """The task's evaluation_json, checked: {"holdout": fraction in (0, 1), "seed": int}.
-    The coordinator may be hostile too: anything else stops the silo with one line."""
-    try:
-        settings = json.loads(text)
-        holdout, seed = settings["holdout"], settings["seed"]
-    except (ValueError, TypeError, KeyError):
-        raise ValueError(f"task evaluation_json {text[:200]!r} is not valid") from None
-    if not (isinstance(holdout, float) and 0.0 < holdout < 1.0) or not isinstance(seed, int):
-        raise ValueError(f"task evaluation_json {text[:200]!r} is out of range")
-    return {"holdout": holdout, "seed": seed}

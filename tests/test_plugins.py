@@ -21,7 +21,7 @@ from lssfl.common.silodata import SiloData
 from lssfl.common.splits import save_split
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.silo.daemon import SiloDaemon
-from lssfl.training.spec import trainer_spec
+from lssfl.training.spec import resolve_trainer, trainer_spec
 from lssfl.training.trainers import make_trainer
 from tests.conftest import lssfl_cmd, read_jsonl
 
@@ -127,15 +127,15 @@ def test_model_errors_are_one_line_from_the_cli(plugin, tmp_path, capsys, name, 
 
 def test_head_aware_features_need_the_classifier_last(plugin):
     spec = {"silos": ["a"], "model": {"name": f"{plugin.stem}:head_first", "init": "random"}}
-    parse_config(spec)  # nothing treats the head apart: fine
+    resolve_trainer(parse_config(spec))  # nothing treats the head apart: fine
     spec["model"]["kwargs"] = {"num_classes": 10}
     spec["trainer"] = {"name": "fedavg", "head_only": True}
     with pytest.raises(ConfigError, match=r"model \(trainer.head_only\): the last nn.Linear .*"
                        r"has 4 outputs, not num_classes 10"):  # fmt: skip
-        parse_config(spec)
+        resolve_trainer(parse_config(spec))
     spec["model"] = {"name": "squeezenet1_0", "init": "pretrain"}  # a conv classifier
     with pytest.raises(ConfigError, match="no nn.Linear layer to serve as its classifier head"):
-        parse_config(spec)
+        resolve_trainer(parse_config(spec))
 
 
 def test_a_plug_in_trainer_is_checked_like_a_built_in(plugin):
@@ -170,7 +170,7 @@ def test_a_silo_imports_no_path_it_was_not_allowed(tmp_path):
             )
             with pytest.raises(PluginNotAllowed, match=f"asks for {what} '{never}:"):
                 daemon.train_round(task)
-            assert never not in sys.modules and daemon._held is None
+            assert never not in sys.modules and daemon.held_model.state is None
     finally:
         sys.path.remove(str(tmp_path))
 

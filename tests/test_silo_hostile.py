@@ -224,8 +224,8 @@ def test_silo_asks_again_after_a_call_turned_away(data, caplog):
     ],
 )
 def test_an_lss_task_is_counted_in_local_epochs_before_it_runs(trainer: dict, epochs: int):
-    from lssfl.silo.daemon import TaskRefused, check_task
+    from lssfl.silo.task import SiloLimits, TaskRefused, check_task
 
     task = cpb.Task(model_json=json.dumps(MODEL), trainer_json=json.dumps(trainer))
     with pytest.raises(TaskRefused, match=f"task asks for {epochs} local epochs, more than"):
-        check_task(task, (), 1000, 64)
+        check_task(task, SiloLimits(frozenset(), max_epochs=1000, max_model_mb=64))
