@@ -181,11 +181,13 @@ def max_encoded_bytes(spec: CodecSpec, shape: Sequence[int], dtype: torch.dtype)
 # Encoding.
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` as stored (on the CPU, contiguous), without a copy when it is."""
+    t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:  # empty tensors may carry zero strides, which view() refuses
-        return b""
+        return memoryview(b"")
     # A uint8 view covers every dtype, bfloat16 and bool included, without a copy.
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def _limit(dtype: torch.dtype) -> float:
@@ -280,7 +282,7 @@ def _encode_values(x: torch.Tensor, values: str, grouped: bool) -> bytes:
     ends = torch.tensor([lo, hi], dtype=torch.float64).to(target)
     if not bool(torch.isfinite(ends).all()):  # rounding is monotonic: the ends bound the rest
         raise CodecError(f"tensor values exceed the {target} range")
-    return _raw_bytes(x.to(target))
+    return bytes(tensor_bytes(x.to(target)))
 
 
 def _encode_topk(flat: torch.Tensor, spec: CodecSpec) -> bytes:
@@ -333,7 +335,7 @@ def encode_tensor(t: torch.Tensor, spec: CodecSpec) -> bytes:
     _check_dtype(t.dtype)
     t = t.detach().cpu().contiguous()
     if not t.dtype.is_floating_point:
-        payload = _raw_bytes(t)
+        payload = bytes(tensor_bytes(t))
     elif spec.topk is None:
         payload = _encode_values(t, spec.values, grouped=True)
     else:

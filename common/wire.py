@@ -32,6 +32,7 @@ from lssfl.common.codecs import (
     max_encoded_bytes,
     parse_codec,
     payload_bytes,
+    tensor_bytes,
 )
 from lssfl.proto import tensor_pb2 as pb
 
@@ -89,14 +90,6 @@ def raw_fp32_bytes(spec: pb.TensorSpec) -> int:
         return 0
     width = 4 if dtype.is_floating_point else torch.empty((), dtype=dtype).element_size()
     return math.prod(spec.shape) * width
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:  # views of empty tensors may have stride 0, which numpy refuses
-        return memoryview(b"")
-    # A uint8 view works for every dtype, bfloat16 included, without copying.
-    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 @dataclass
@@ -158,7 +151,7 @@ def pack_state(
             if name in payloads:
                 data: bytes | memoryview = payloads[name]
             elif spec == FP32 or name in exact:
-                out.append(WireTensor(name, t.dtype, tuple(t.shape), RAW, False, _tensor_bytes(t)))
+                out.append(WireTensor(name, t.dtype, tuple(t.shape), RAW, False, tensor_bytes(t)))
                 continue
             else:
                 data = encode_tensor(t, spec)

@@ -229,3 +229,24 @@ def test_an_lss_task_is_counted_in_local_epochs_before_it_runs(trainer: dict, ep
     task = cpb.Task(model_json=json.dumps(MODEL), trainer_json=json.dumps(trainer))
     with pytest.raises(TaskRefused, match=f"task asks for {epochs} local epochs, more than"):
         check_task(task, SiloLimits(frozenset(), max_epochs=1000, max_model_mb=64))
+
+
+@pytest.mark.parametrize(
+    ("model_json", "reason"),
+    [
+        ("[1, 2]", "task model and trainer must be JSON objects"),
+        ("{", "task JSON does not parse"),
+        (json.dumps({"name": "resnet50", "num_classes": 10**6}), "exceeds --max-model-mb 64"),
+        (json.dumps({"name": "vgg"}), "unknown model 'vgg'"),
+    ],
+)
+def test_an_evaluate_task_is_checked_like_a_train_task(model_json: str, reason: str):
+    from lssfl.silo.task import SiloLimits, TaskRefused, check_task
+
+    limits = SiloLimits(frozenset(), max_epochs=1000, max_model_mb=64)
+    for kind in (cpb.Task.EVALUATE, cpb.Task.TRAIN):
+        task = cpb.Task(kind=kind, model_json=model_json, trainer_json=json.dumps(TRAINER))
+        with pytest.raises(TaskRefused, match=reason):
+            check_task(task, limits)
+    evaluate = cpb.Task(kind=cpb.Task.EVALUATE, model_json=json.dumps(MODEL))
+    assert check_task(evaluate, limits).trainer is None  # nothing to train: no trainer asked
