@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -39,11 +38,18 @@ from lssfl.common.silodata import (
     check_num_classes,
     open_silo_data,
 )
-from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
 from lssfl.common.wire import DecodedModel, Outgoing, WireError, stream_tensors
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.silo.holdout import Images, drawn_split, evaluation_settings
+from lssfl.silo.link import (
+    RETRY_CODES,
+    CoordinatorUnreachable,
+    Rejoin,
+    SiloRefused,
+    call_with_backoff,
+    peer_reason,
+)
 from lssfl.silo.task import CheckedTask, SiloLimits, TaskRefused, check_received, check_task
 
 __all__ = ["CoordinatorUnreachable", "SiloDaemon", "SiloRefused", "TaskRefused"]
@@ -51,17 +57,6 @@ __all__ = ["CoordinatorUnreachable", "SiloDaemon", "SiloRefused", "TaskRefused"]
 log = logging.getLogger("lssfl.silo")
 T = TypeVar("T")
 
-# Answers after which the silo asks again (with backoff) instead of stopping: the coordinator is
-# unreachable or slow, or it turned a call away for now: a stream cancelled by its watchdog or
-# its round's close (CANCELLED), a silo over its per-peer bounds (RESOURCE_EXHAUSTED), a call
-# cut short (ABORTED). A daemon next to a dataset outlives them all.
-RETRY_CODES = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-)
 # Answers to a download, upload or report that end this task only: the round moved on, or
 # the coordinator will not take it.
 TURNED_AWAY = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
@@ -76,23 +71,6 @@ def _with_crash_point(messages: Iterator[Outgoing], tag: str) -> Iterator[Outgoi
         if i == 3:
             crash_point(tag)
         yield msg
-
-
-class SiloRefused(RuntimeError):
-    """The coordinator will not work with this silo (unknown id, revoked...)."""
-
-
-class CoordinatorUnreachable(RuntimeError):
-    """The coordinator did not answer within the silo's ``max_wait``."""
-
-
-class _Rejoin(Exception):
-    """The coordinator forgot us (restart, new run): join again."""
-
-
-def _peer_reason(exc: grpc.RpcError) -> str:
-    """The coordinator's message in a refusal, escaped and bounded for our log."""
-    return peer_text(exc.details() or exc.code().name, MAX_PEER_REASON)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -232,44 +210,14 @@ class SiloDaemon:
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` until it answers; backoff while the coordinator is unreachable."""
-        delay, since = 0.5, time.monotonic()
-        suspected: str | None = None
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    raise SiloRefused(_peer_reason(exc)) from None
-                if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise _Rejoin(_peer_reason(exc)) from None
-                if code not in RETRY_CODES:
-                    raise
-                if self._tls_files is not None:
-                    problem = explain_connect_failure(self.address, exc.details(), *self._tls_files)
-                    # Twice in a row: a coordinator caught mid-restart does not end a silo.
-                    if problem and problem == suspected:
-                        raise TlsMisconfigured(problem) from None
-                    suspected = problem
-                waited = time.monotonic() - since
-                if waited > self.max_wait_s:
-                    raise CoordinatorUnreachable(
-                        f"coordinator {self.address} unreachable for {waited:.0f} s ({what})"
-                    ) from None
-                log.warning(
-                    "silo=%s %s: %s; retrying in %.1f s",
-                    self.silo_id,
-                    what,
-                    suspected
-                    or (
-                        f"coordinator unavailable ({code.name})"
-                        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                        else f"{code.name}: {_peer_reason(exc)}"
-                    ),
-                    delay,
-                )
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 10.0)
+        return call_with_backoff(
+            what,
+            fn,
+            address=self.address,
+            silo_id=self.silo_id,
+            max_wait_s=self.max_wait_s,
+            tls_files=self._tls_files,
+        )
 
     def join(self) -> None:
         """Join the run (retrying while the coordinator is unreachable); SiloRefused when
@@ -289,7 +237,7 @@ class SiloDaemon:
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise SiloRefused(_peer_reason(exc)) from None
+                raise SiloRefused(peer_reason(exc)) from None
             raise
         # Both come from the coordinator: a run id for our logs, an interval we obey.
         self.run_id = reply.run_id
@@ -365,10 +313,10 @@ class SiloDaemon:
                 self.silo_id,
                 self.round,
                 exc.code().name,
-                _peer_reason(exc),
+                peer_reason(exc),
             )
             time.sleep(1.0)
-        except _Rejoin as exc:
+        except Rejoin as exc:
             log.warning("silo=%s %s; joining again", self.silo_id, exc)
             self.join()
         return True
@@ -430,7 +378,7 @@ class SiloDaemon:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             log.warning(
-                "round=%d silo=%s download refused: %s", task.round, self.silo_id, _peer_reason(exc)
+                "round=%d silo=%s download refused: %s", task.round, self.silo_id, peer_reason(exc)
             )
             return None
         except WireError as exc:
@@ -585,7 +533,7 @@ class SiloDaemon:
         except grpc.RpcError as exc:
             if exc.code() not in TURNED_AWAY:
                 raise
-            log.warning("round=%d silo=%s upload refused: %s", r, self.silo_id, _peer_reason(exc))
+            log.warning("round=%d silo=%s upload refused: %s", r, self.silo_id, peer_reason(exc))
             return
         log.info(
             "round=%d silo=%s uploaded in %.2f s: %s",
