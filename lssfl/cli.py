@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.coordinator,
                     args.silo_id,
                     args.data,
-                    args.device,
+                    device=args.device,
                     max_wait_s=args.max_wait,
                     ca=args.ca,
                     cert=args.cert,
