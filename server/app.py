@@ -17,7 +17,7 @@ from lssfl.common.dataroot import prepare_data_root, with_evaluation_resolved
 from lssfl.common.files import atomic_write
 from lssfl.common.logs import also_log_to, one_line
 from lssfl.common.models import build_model, evaluate, head_linear
-from lssfl.common.rpc import ADDRESS_FILE
+from lssfl.common.runfolder import ADDRESS_FILE
 from lssfl.common.splits import Split, load_split
 from lssfl.server.coordinator import Coordinator, DataSpec
 from lssfl.server.initial import initial_state
