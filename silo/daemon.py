@@ -33,15 +33,6 @@ from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import SILO_HEADER, TOKEN_HEADER, channel_credentials, read_secret
 from lssfl.common.seeding import seed_of
-from lssfl.common.silodata import (
-    ImageTransform,
-    LazyImages,
-    SiloData,
-    as_tensor,
-    check_num_classes,
-    open_silo_data,
-    subset,
-)
 from lssfl.common.tls_errors import TlsMisconfigured, explain_connect_failure
 from lssfl.common.wire import (
     FP32,
@@ -51,6 +42,15 @@ from lssfl.common.wire import (
     decode_model,
     pack_state,
     stream_tensors,
+)
+from lssfl.dataprep.silodata import (
+    ImageTransform,
+    LazyImages,
+    SiloData,
+    as_tensor,
+    check_num_classes,
+    open_silo_data,
+    subset,
 )
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
