@@ -27,10 +27,10 @@ import yaml
 from regimes import REGIMES, apply_regime
 
 from lssfl.common.config import parse_config
-from lssfl.common.dataroot import prepare_data_root
 from lssfl.common.models import build_model, evaluate
 from lssfl.common.seeding import derive_seed
-from lssfl.common.splits import load_split
+from lssfl.dataprep.dataroot import prepare_data_root
+from lssfl.dataprep.splits import load_split
 from lssfl.server.aggregate import weighted_average
 from lssfl.server.initial import initial_state
 from lssfl.training.lss import LSSTrainer

@@ -1,1 +1,1 @@
-"""What both roles share: wire format, codecs, config, data, models, security."""
+"""What both roles share: wire format, codecs, config, models, security, run-folder names."""

@@ -80,7 +80,7 @@ class DataSection:
     kind: str = "embedded"
     root: str = "data/embedded"
     # Label skew of the embedded data: each class dealt over the silos in Dirichlet(alpha)
-    # shares (lssfl.common.dirichlet; smaller = more skew). None: an even deal.
+    # shares (lssfl.dataprep.dirichlet; smaller = more skew). None: an even deal.
     alpha: float | None = None
     seed: int = 0  # the embedded data's split; fixed across run seeds on purpose
     # The embedded data's domains: silo k holds domains[k % len], the public pre-training
@@ -263,17 +263,8 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("security.mutual_tls needs security.tls")
     if cfg.data.kind not in ("embedded", "folders"):
         raise ConfigError(f"data.kind must be 'embedded' or 'folders', got {cfg.data.kind!r}")
-    from lssfl.common.data import check_domains
-
-    for key in ("domains", "pretrain_domains"):
-        value = getattr(cfg.data, key)
-        if value is not None:
-            if cfg.data.kind != "embedded":
-                raise ConfigError(f"data.{key} applies to data.kind 'embedded' only")
-            try:
-                check_domains(f"data.{key}", value)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+    # data.domains and data.pretrain_domains are the data layer's to check
+    # (lssfl.dataprep.embedded.check_data_section): common does not import it.
     where = cfg.evaluation.where
     if where is not None and where not in EVALUATION_WHERE:
         raise ConfigError(

@@ -19,9 +19,6 @@ from lssfl.proto import coordinator_pb2_grpc as cgrpc
 
 # The service's full name ("lssfl.v1.Coordinator"), as the .proto file declares it.
 SERVICE = cpb.DESCRIPTOR.services_by_name["Coordinator"].full_name
-# In the run folder: the coordinator writes "host:port" there once it serves, so that the
-# launcher learns the port the OS picked.
-ADDRESS_FILE = "coordinator.addr"
 
 # For the coordinator's server and the silos' channels alike.
 GRPC_OPTIONS: list[tuple[str, int]] = [

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "silo":
-            from lssfl.common.silodata import ImageTransform
+            from lssfl.dataprep.silodata import ImageTransform
             from lssfl.silo.daemon import CoordinatorUnreachable, SiloDaemon, SiloRefused
 
             setup_logging("silo", args.verbose)  # each line names the silo: silo=ID
@@ -252,19 +252,22 @@ def main(argv: list[str] | None = None) -> int:
             return _certs(args)
         if args.command == "init":
             return _init(args.out, args.force)
+        from lssfl.dataprep.embedded import check_data_section
         from lssfl.training.spec import effective_config, resolve_trainer
 
-        # Once: common does not know the trainers' parameters; the coordinator sends what this
-        # resolves and records.
-        cfg = resolve_trainer(load_config(args.config))
+        cfg = load_config(args.config)
+        # Once, here: common knows neither the data layer's sections nor the trainers'
+        # parameters; the coordinator sends what this resolves and records.
+        check_data_section(cfg)
+        cfg = resolve_trainer(cfg)
         if args.command == "config":
             import yaml
 
             print(yaml.safe_dump(effective_config(cfg), sort_keys=False), end="")
             return 0
         if args.command == "prepare":
-            from lssfl.common.data import describe as describe_data
-            from lssfl.common.dataroot import prepare_data_root
+            from lssfl.dataprep.dataroot import prepare_data_root
+            from lssfl.dataprep.embedded import describe as describe_data
 
             data = prepare_data_root(cfg)
             if cfg.data.kind == "embedded":

@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import IO
 
 from lssfl.common.config import RunConfig
-from lssfl.common.dataroot import prepare_data_root
 from lssfl.common.plugins import is_import_path
 from lssfl.common.records import RoundRecord
-from lssfl.common.rpc import ADDRESS_FILE
+from lssfl.common.runfolder import ADDRESS_FILE, read_status
 from lssfl.common.security import CA_CERT, add_silo, make_certs, silo_files
+from lssfl.dataprep.dataroot import prepare_data_root
 from lssfl.report import write_report
 from lssfl.report.runs import read_metrics
 from lssfl.report.tables import COLUMNS, format_line, row
-from lssfl.server.store import read_status
 from lssfl.status import open_round_progress, round_progress
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

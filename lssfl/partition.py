@@ -1,7 +1,7 @@
 """``lssfl partition``: cut a real dataset into per-silo split folders for a federated run.
 
 Output under ``OUT``: ``silo-1 .. silo-N`` and ``test``, each a split folder readable by
-:func:`lssfl.common.data.load_split`, and ``partition.json`` with the parameters and the
+:func:`lssfl.dataprep.splits.load_split`, and ``partition.json`` with the parameters and the
 per-split class counts. Same arguments and seed -> byte-identical output.
 
 Schemes:
@@ -26,15 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lssfl.common.dirichlet import check_alpha, check_counts, dirichlet_split
 from lssfl.common.files import atomic_write_text
+from lssfl.dataprep.catalog import DATASETS, canonical_name
+from lssfl.dataprep.dirichlet import check_alpha, check_counts, dirichlet_split
 
 if TYPE_CHECKING:
-    from lssfl.common.datasets import LabelledData
+    from lssfl.dataprep.datasets import LabelledData
 
 SCHEMES = ("dirichlet", "iid", "domain")
-# lssfl.common.datasets.DATASETS, repeated so that `--help` need not import torch.
-DATASET_NAMES = ("mnist", "fashionmnist", "cifar10", "svhn", "usps", "imagefolder", "domainfolder")
 SUMMARY_FILE = "partition.json"
 # Above this many classes the printed table shows a count of classes present instead of one
 # column per class (partition.json always has the full counts).
@@ -91,7 +90,7 @@ def check_test_fraction(fraction: float) -> None:
 
 def _prepare_out(out: Path, root: Path, num_silos: int, folder_dataset: bool) -> None:
     """Create ``out``; drop our own leftovers from an earlier, larger partition."""
-    from lssfl.common.splits import DataError, remove_stale_silos
+    from lssfl.dataprep.splits import DataError, remove_stale_silos
 
     out_r, root_r = out.resolve(), root.resolve()
     if out_r == root_r or (folder_dataset and root_r in out_r.parents):
@@ -184,8 +183,8 @@ def partition_dataset(
     uint8, a quarter of the size, which silos read per batch (normalised as they are read)."""
     import torch
 
-    from lssfl.common.datasets import canonical_name, has_test_split, load_dataset
-    from lssfl.common.splits import remove_own_split, save_split
+    from lssfl.dataprep.datasets import has_test_split, load_dataset
+    from lssfl.dataprep.splits import remove_own_split, save_split
 
     if scheme not in SCHEMES:
         raise ValueError(f"--scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
@@ -300,7 +299,7 @@ def _write_test(
     uint8: bool,
 ) -> dict[str, Any]:
     """Write ``out/test``; its row of the summary."""
-    from lssfl.common.splits import save_split
+    from lssfl.dataprep.splits import save_split
 
     test_meta = {**common, "split": "test", "source": "official" if official else "held-out"}
     test_meta["domain"] = "all" if test.domain_names else common["dataset"]
@@ -325,7 +324,7 @@ def _silo_domain(data: LabelledData, idx: np.ndarray, dataset: str) -> str:
 def _subset(data: LabelledData, idx: np.ndarray) -> LabelledData:
     import torch
 
-    from lssfl.common.datasets import LabelledData
+    from lssfl.dataprep.datasets import LabelledData
 
     t = torch.from_numpy(idx)
     domains = None if data.domains is None else data.domains[t]
@@ -352,7 +351,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASET_NAMES)}")
+    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--root", required=True, type=Path, help="local folder holding the dataset")
     p.add_argument("--out", required=True, type=Path, help="output folder for silo-*/ and test/")
     p.add_argument("--silos", required=True, type=_positive_int, help="number of silos N")

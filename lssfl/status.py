@@ -8,8 +8,7 @@ from typing import Any
 
 import yaml
 
-from lssfl.server.app import ADDRESS_FILE
-from lssfl.server.store import HEARTBEAT_RECORD_S, read_status
+from lssfl.common.runfolder import ADDRESS_FILE, HEARTBEAT_RECORD_S, read_status
 
 
 def _config(run_dir: Path) -> dict[str, Any]:

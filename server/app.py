@@ -13,12 +13,13 @@ import torch
 import yaml
 
 from lssfl.common.config import ConfigError, RunConfig
-from lssfl.common.dataroot import prepare_data_root, with_evaluation_resolved
 from lssfl.common.files import atomic_write
 from lssfl.common.logs import also_log_to, one_line
 from lssfl.common.models import build_model, evaluate, head_linear
-from lssfl.common.rpc import ADDRESS_FILE
-from lssfl.common.splits import Split, load_split
+from lssfl.common.runfolder import ADDRESS_FILE
+from lssfl.dataprep.dataroot import prepare_data_root, with_evaluation_resolved
+from lssfl.dataprep.embedded import check_data_section
+from lssfl.dataprep.splits import Split, load_split
 from lssfl.server.coordinator import Coordinator, DataSpec
 from lssfl.server.initial import initial_state
 from lssfl.server.prometheus import serve_metrics
@@ -35,6 +36,7 @@ def run_coordinator(cfg: RunConfig, run_dir: Path, port: int | None = None) -> i
     (lssfl.training.spec.resolve_trainer), so that the trainer spec the coordinator sends
     the silos is the one config.yaml and the run identity record."""
     try:
+        check_data_section(cfg)
         cfg = with_evaluation_resolved(cfg)
     except ConfigError as exc:
         log.error("%s", exc)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from lssfl.common.config import RunConfig
 from lssfl.common.models import build_model, evaluate, head_linear
 from lssfl.common.seeding import derive_seed
-from lssfl.common.splits import load_split
+from lssfl.dataprep.splits import load_split
 from lssfl.server.store import save_state
 from lssfl.training.trainers import FedAvgTrainer
 
@@ -33,7 +33,7 @@ def initial_state(cfg: RunConfig, pretrain_dir: Path | None) -> dict[str, torch.
     the weights depend on) and then initialises the head again.
     """
     if cfg.model.init == "pretrained":
-        from lssfl.common.pretrained import pretrained_model
+        from lssfl.server.pretrained import pretrained_model
 
         num_classes = int(cfg.model.kwargs.get("num_classes", 10))
         torch.manual_seed(derive_seed(cfg.run.seed, 0, "head"))

@@ -44,6 +44,9 @@ from lssfl.common.faults import crash_point
 from lssfl.common.files import atomic_save_tensors, atomic_write
 from lssfl.common.records import RecordError, RoundRecord
 
+# Re-exported: the coordinator takes the heartbeat interval from its store.
+from lssfl.common.runfolder import HEARTBEAT_RECORD_S as HEARTBEAT_RECORD_S
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -380,59 +383,3 @@ class RoundStore:
         """Write final_model.safetensors and model.json."""
         save_state(self.run_dir / "final_model.safetensors", state)
         atomic_write(self.run_dir / "model.json", json.dumps(model_spec, indent=2).encode())
-
-
-# `lssfl status` reads silo rows; the coordinator refreshes a silo's row from its heartbeats
-# at most this often (each write is an fsync).
-HEARTBEAT_RECORD_S = 5.0
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    """A run folder's state.db, opened read-only: what ``lssfl status`` prints.
-
-    ValueError (one line) when the folder holds no run. Safe while a coordinator writes.
-    """
-    path = run_dir / "state.db"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} holds no run (no state.db)")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        run = dict(db.execute("SELECT key, value FROM run").fetchall())
-        committed = db.execute(
-            "SELECT COUNT(*), MAX(round), SUM(bytes_down), SUM(bytes_up) FROM rounds"
-        ).fetchone()
-        last = db.execute(
-            "SELECT round, status, global_accuracy FROM rounds ORDER BY round DESC LIMIT 1"
-        ).fetchone()
-        silos = db.execute(
-            "SELECT silo_id, status, num_samples, device, updated_at FROM silos ORDER BY silo_id"
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
-    finally:
-        db.close()
-    return {
-        "selected": _silo_list(run.get("selected")),  # of the round in progress
-        "reported": _silo_list(run.get("reported")),
-        "run_id": run.get("run_id", run_dir.name),
-        "round": int(run.get("round", 0)),
-        "phase": run.get("phase", "starting"),
-        "rounds_committed": committed[0],
-        "bytes_down": committed[2] or 0,
-        "bytes_up": committed[3] or 0,
-        "last_round": None
-        if last is None
-        else {"round": last[0], "status": last[1], "global_accuracy": last[2]},
-        "silos": [
-            {"silo_id": r[0], "status": r[1], "num_samples": r[2], "device": r[3], "seen_at": r[4]}
-            for r in silos
-        ],
-    }
-
-
-def _silo_list(text: str | None) -> list[str]:
-    try:
-        value = json.loads(text or "[]")
-    except ValueError:
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else []

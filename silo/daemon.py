@@ -31,14 +31,14 @@ from lssfl.common.pipeline import HeldModel, UplinkEncoder
 from lssfl.common.progress import progress
 from lssfl.common.rpc import CHANNEL_OPTIONS, coordinator_stub
 from lssfl.common.security import SILO_HEADER, TOKEN_HEADER, channel_credentials, read_secret
-from lssfl.common.silodata import (
+from lssfl.common.wire import DecodedModel, Outgoing, WireError, stream_tensors
+from lssfl.dataprep.silodata import (
     ImageTransform,
     SiloData,
     as_tensor,
     check_num_classes,
     open_silo_data,
 )
-from lssfl.common.wire import DecodedModel, Outgoing, WireError, stream_tensors
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.silo.holdout import Images, drawn_split, evaluation_settings
@@ -190,7 +190,7 @@ class SiloDaemon:
         max_model_mb: float = MAX_MODEL_MB,
     ) -> SiloDaemon:
         """Build from paths, validating each; errors name the file at fault. ``classes``,
-        ``transform`` and ``workers``: for an image folder (lssfl.common.silodata)."""
+        ``transform`` and ``workers``: for an image folder (lssfl.dataprep.silodata)."""
         data = open_silo_data(data_dir, classes, transform, workers)
         credentials = channel_credentials(ca, cert, key)
         token = read_secret(token_file, "token file").decode().strip() if token_file else None

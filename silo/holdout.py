@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lssfl.common.seeding import seed_of
-from lssfl.common.silodata import LazyImages, subset
+from lssfl.dataprep.silodata import LazyImages, subset
 
 Images = Tensor | LazyImages
 

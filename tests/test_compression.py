@@ -49,10 +49,10 @@ def _check_round_one_uploads(config, run_dir, record) -> None:
 
     from lssfl.common.codecs import ErrorFeedback, decode_tensor
     from lssfl.common.config import load_config
-    from lssfl.common.dataroot import prepare_data_root
     from lssfl.common.models import build_model, statistics_names
     from lssfl.common.seeding import derive_seed
-    from lssfl.common.splits import load_split
+    from lssfl.dataprep.dataroot import prepare_data_root
+    from lssfl.dataprep.splits import load_split
     from lssfl.training.trainers import make_trainer
 
     cfg = load_config(config)

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from lssfl.common.config import ConfigError, load_config, parse_config
+from lssfl.common.config import ConfigError, RunConfig, load_config, parse_config
+from lssfl.dataprep.embedded import check_data_section
 from lssfl.training.spec import resolve_trainer, trainer_spec
 
 BASE = {"silos": ["a", "b"], "trainer": {"name": "fedavg", "epochs": 1}}
@@ -154,19 +155,35 @@ def test_yaml_exponent_floats_are_numbers_in_every_float_field(tmp_path):
         resolve_trainer(parse_config({**BASE, "trainer": {"name": "fedavg", "epochs": "1e3"}}))
 
 
-def test_embedded_domains_are_checked_in_the_config():
-    cfg = parse_config({**BASE, "data": {"domains": ["original"], "pretrain_domains": ["noisy"]}})
+def test_embedded_domains_are_checked_before_use():
+    # The data layer checks its own section, right after the config is loaded.
+    def checked(data: dict) -> RunConfig:
+        cfg = parse_config({**BASE, **data})
+        check_data_section(cfg)
+        return cfg
+
+    cfg = checked({"data": {"domains": ["original"], "pretrain_domains": ["noisy"]}})
     assert cfg.data.domains == ["original"] and cfg.data.pretrain_domains == ["noisy"]
     with pytest.raises(ConfigError, match="data.domains: unknown domain 'Original'"):
-        parse_config({**BASE, "data": {"domains": ["Original"]}})
+        checked({"data": {"domains": ["Original"]}})
     with pytest.raises(ConfigError, match="data.pretrain_domains applies to data.kind 'embedded'"):
-        parse_config(
+        checked(
             {
-                **BASE,
                 "model": {"init": "random"},
                 "data": {"kind": "folders", "pretrain_domains": ["noisy"]},
-            }  # fmt: skip
+            }
         )
+
+
+def test_a_bad_domain_fails_the_command_in_one_line(tmp_path: Path, capsys):
+    from lssfl.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("silos: [a, b]\ntrainer: {name: fedavg}\ndata: {domains: [Original]}\n")
+    assert main(["config", "show", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert f"{path}: data.domains: unknown domain 'Original'" in err
 
 
 def test_lss_on_a_random_start_is_told_before_the_run():

@@ -1,4 +1,4 @@
-"""Tests for the split format (lssfl.common.splits) and the embedded digits (lssfl.common.data)."""
+"""Tests for the split format (lssfl.dataprep.splits) and the embedded digits (.embedded)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lssfl.common.data import (
+from lssfl.dataprep.embedded import (
     DOMAINS,
     MANIFEST_FILE,
     MIN_SILO_SAMPLES,
@@ -23,7 +23,14 @@ from lssfl.common.data import (
     materialize_embedded,
     shift_images,
 )
-from lssfl.common.splits import DATA_FILE, META_FILE, NUM_CLASSES, DataError, load_split, save_split
+from lssfl.dataprep.splits import (
+    DATA_FILE,
+    META_FILE,
+    NUM_CLASSES,
+    DataError,
+    load_split,
+    save_split,
+)
 
 NUM_DIGITS = 1797
 

@@ -1,4 +1,4 @@
-"""Tests for lssfl.common.datasets: real on-disk formats, written small by the tests."""
+"""Tests for lssfl.dataprep.datasets: real on-disk formats, written small by the tests."""
 
 from __future__ import annotations
 
@@ -14,15 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lssfl.common.datasets import (
-    DATASETS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    canonical_name,
-    has_test_split,
-    load_dataset,
-)
-from lssfl.common.splits import DataError
+from lssfl.dataprep.catalog import DATASETS, canonical_name
+from lssfl.dataprep.datasets import IMAGENET_MEAN, IMAGENET_STD, has_test_split, load_dataset
+from lssfl.dataprep.splits import DataError
 
 CIFAR_CLASSES = [
     "airplane",

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.numpy import load_file
 
-from lssfl.common.splits import load_split, save_split
+from lssfl.dataprep.splits import load_split, save_split
 from tests.conftest import free_port, lssfl_cmd, read_jsonl, run_lssfl, wait_for
 
 # Real OS processes, gRPC over sockets: minutes on 2 cores (`pytest -m "not slow"` skips).
@@ -79,7 +79,7 @@ def test_silo_killed_mid_round_round_completes_at_deadline(tmp_path, write_confi
     # training when it is killed.
     layout_cfg = write_config("gen.yaml")
     from lssfl.common.config import load_config
-    from lssfl.common.dataroot import prepare_data_root
+    from lssfl.dataprep.dataroot import prepare_data_root
 
     emb = prepare_data_root(load_config(layout_cfg))
     root = tmp_path / "folders"

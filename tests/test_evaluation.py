@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lssfl.common.config import ConfigError, load_config
-from lssfl.common.dataroot import prepare_data_root, with_evaluation_resolved
 from lssfl.common.records import RoundRecord
 from lssfl.common.security import CA_CERT, channel_credentials, make_certs, silo_files
-from lssfl.common.silodata import SiloData
-from lssfl.common.splits import load_split, save_split
 from lssfl.common.wire import encode_model
+from lssfl.dataprep.dataroot import prepare_data_root, with_evaluation_resolved
+from lssfl.dataprep.silodata import SiloData
+from lssfl.dataprep.splits import load_split, save_split
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.silo.daemon import SiloDaemon
@@ -250,7 +250,7 @@ def test_a_silo_daemon_on_an_image_folder_trains_and_evaluates_through_the_servi
     # A real SiloDaemon against the real service in this process: its data is an image folder
     # read per batch, holding 2 of the 10 declared classes.
     from lssfl.common.models import build_model
-    from lssfl.common.silodata import ImageTransform, open_silo_data
+    from lssfl.dataprep.silodata import ImageTransform, open_silo_data
     from tests.test_silodata import _images
 
     folder = _images(tmp_path / "images", {"c3": 12, "c7": 8}, size=16)

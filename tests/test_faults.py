@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.numpy import load_file
 
-from lssfl.common.splits import save_split
+from lssfl.dataprep.splits import save_split
 from tests.conftest import free_port, lssfl_cmd, make_config, read_jsonl, wait_for
 
 # Real OS processes, gRPC over sockets: minutes on 2 cores (`pytest -m "not slow"` skips).
@@ -87,7 +87,7 @@ class Cluster:
 def base(tmp_path_factory):
     """Config and embedded data shared by every cluster of this module."""
     from lssfl.common.config import load_config
-    from lssfl.common.dataroot import prepare_data_root
+    from lssfl.dataprep.dataroot import prepare_data_root
 
     root = tmp_path_factory.mktemp("faults")
     config = make_config(root, **SECTIONS)

@@ -1,10 +1,12 @@
 """Imports run one way: every module's imports, function-level ones included, checked by layer.
 
 Layers, by source folder: ``common/`` (lssfl.common) knows no role; ``training/``
-(lssfl.training, the local trainers both roles use) imports only common; ``server/`` and
-``silo/`` never import each other; none of them imports the command-line layer in ``lssfl/``
-(cli, launcher, report, partition), which sits on top and may import anything. ``stubs/``
-(lssfl.proto, generated) imports none of ours.
+(lssfl.training, the local trainers both roles use) imports only common; ``dataprep/``
+(lssfl.dataprep: datasets, the embedded digits, split folders, a silo's data) imports only
+common, and neither common nor training imports it; ``server/`` and ``silo/`` never import
+each other; none of them imports the command-line layer in ``lssfl/`` (cli, launcher, report,
+partition, status), which sits on top and may import anything. ``stubs/`` (lssfl.proto,
+generated) imports none of ours.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"common": "common", "training": "training", "server": "server", "silo": "silo",
-           "proto": "stubs", "cli": "lssfl"}  # fmt: skip
-PACKAGES = {"common", "training", "server", "silo", "proto"}
+FOLDERS = {"common": "common", "training": "training", "dataprep": "dataprep",
+           "server": "server", "silo": "silo", "proto": "stubs", "cli": "lssfl"}  # fmt: skip
+PACKAGES = {"common", "training", "dataprep", "server", "silo", "proto"}
 FORBIDDEN = {
-    "common": {"training", "server", "silo", "cli"},
-    "training": {"server", "silo", "cli"},
+    "common": {"training", "dataprep", "server", "silo", "cli"},
+    "training": {"dataprep", "server", "silo", "cli"},
+    "dataprep": {"training", "server", "silo", "cli"},
     "server": {"silo", "cli"},
     "silo": {"server", "cli"},
-    "proto": {"common", "training", "server", "silo", "cli"},
+    "proto": {"common", "training", "dataprep", "server", "silo", "cli"},
     "cli": set(),
 }
 
@@ -83,6 +86,14 @@ def test_the_repository_imports_one_way() -> None:
          "training/x.py:1: training imports lssfl.server.store"),
         ("common", "from lssfl.report.runs import read_metrics\n",
          "common/x.py:1: common imports lssfl.report.runs.read_metrics"),
+        ("common", "from lssfl.dataprep.embedded import check_domains\n",
+         "common/x.py:1: common imports lssfl.dataprep.embedded.check_domains"),
+        ("training", "from lssfl.dataprep import splits\n",
+         "training/x.py:1: training imports lssfl.dataprep.splits"),
+        ("dataprep", "from lssfl.server.pretrained import pretrained_model\n",
+         "dataprep/x.py:1: dataprep imports lssfl.server.pretrained.pretrained_model"),
+        ("dataprep", "def f():\n    from lssfl.partition import run\n",
+         "dataprep/x.py:2: dataprep imports lssfl.partition.run"),
     ],
 )  # fmt: skip
 def test_a_forbidden_import_is_reported(tmp_path: Path, folder: str, source: str, expected: str):
@@ -95,7 +106,8 @@ def test_allowed_directions_pass(tmp_path: Path) -> None:
     allowed = {
         "common": "from lssfl.proto import coordinator_pb2\nfrom lssfl import __version__\n",
         "training": "from lssfl.common.progress import progress\n",
-        "server": "from lssfl.training.trainers import FedAvgTrainer\n",
+        "dataprep": "from lssfl.common.config import ConfigError\nfrom . import splits\n",
+        "server": "from lssfl.training import trainers\nfrom ..dataprep import splits\n",
         "silo": "import torch\nfrom lssfl.common import wire\n",
         "lssfl": "from lssfl.server.app import run_coordinator\nfrom lssfl.silo import daemon\n",
     }

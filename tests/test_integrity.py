@@ -11,10 +11,10 @@ import torch
 
 from lssfl.common.peertext import peer_text
 from lssfl.common.rpc import coordinator_stub
+from lssfl.common.runfolder import read_status
 from lssfl.common.wire import MAX_MESSAGE_BYTES, encode_model
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
-from lssfl.server.store import read_status
 from tests.conftest import read_jsonl
 from tests.test_service import Harness, _code
 

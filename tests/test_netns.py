@@ -76,7 +76,7 @@ def test_cut_and_restored_link_mid_round(tmp_path, write_config, virtual_host):
         trainer={"name": "fedavg", "epochs": 3},
     )  # fmt: skip
     from lssfl.common.config import load_config
-    from lssfl.common.dataroot import prepare_data_root
+    from lssfl.dataprep.dataroot import prepare_data_root
 
     data = prepare_data_root(load_config(config))
     run_dir = tmp_path / "run"

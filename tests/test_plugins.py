@@ -17,8 +17,8 @@ from lssfl.cli import main
 from lssfl.common.config import ConfigError, parse_config
 from lssfl.common.models import build_model, head_linear
 from lssfl.common.plugins import PluginNotAllowed
-from lssfl.common.silodata import SiloData
-from lssfl.common.splits import save_split
+from lssfl.dataprep.silodata import SiloData
+from lssfl.dataprep.splits import save_split
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.silo.daemon import SiloDaemon
 from lssfl.training.spec import resolve_trainer, trainer_spec

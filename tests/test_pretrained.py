@@ -1,4 +1,4 @@
-"""Tests for lssfl.common.pretrained: ResNet backbones from local files, never the network."""
+"""Tests for lssfl.server.pretrained: ResNet backbones from local files, never the network."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
-from lssfl.common.pretrained import WeightsError, pretrained_model
+from lssfl.server.pretrained import WeightsError, pretrained_model
 
 
 @functools.cache

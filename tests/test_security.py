@@ -18,8 +18,8 @@ from lssfl.common.security import (
     make_certs,
     silo_files,
 )
-from lssfl.common.splits import save_split
 from lssfl.common.wire import encode_model
+from lssfl.dataprep.splits import save_split
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.proto import tensor_pb2 as pb

@@ -13,8 +13,8 @@ import torch
 
 from lssfl.common.models import build_model
 from lssfl.common.rpc import add_coordinator_servicer
-from lssfl.common.silodata import SiloData
 from lssfl.common.wire import pack_state, stream_tensors
+from lssfl.dataprep.silodata import SiloData
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
 from lssfl.proto import tensor_pb2 as pb

@@ -1,4 +1,4 @@
-"""A silo's own data where it lies (lssfl.common.silodata): image folders and uint8 splits read
+"""A silo's own data where it lies (lssfl.dataprep.silodata): image folders and uint8 splits read
 per batch, with the labels every silo agrees on, and `lssfl partition` for one hospital."""
 
 import json
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lssfl.common.datasets import load_dataset
-from lssfl.common.silodata import (
+from lssfl.dataprep.datasets import load_dataset
+from lssfl.dataprep.silodata import (
     ImageFolderImages,
     ImageTransform,
     UInt8Images,
@@ -20,7 +20,7 @@ from lssfl.common.silodata import (
     open_silo_data,
     subset,
 )
-from lssfl.common.splits import DataError, load_split, save_split
+from lssfl.dataprep.splits import DataError, load_split, save_split
 from lssfl.training.trainers import FedAvgTrainer
 from tests.conftest import run_lssfl
 
@@ -111,9 +111,9 @@ RSS_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import numpy as np, torch
     from PIL import Image
-    from lssfl.common.datasets import load_dataset
-    from lssfl.common.silodata import ImageTransform, open_silo_data
-    from lssfl.common.splits import save_split
+    from lssfl.dataprep.datasets import load_dataset
+    from lssfl.dataprep.silodata import ImageTransform, open_silo_data
+    from lssfl.dataprep.splits import save_split
 
     def rss():
         with open("/proc/self/statm") as f:

@@ -10,7 +10,7 @@ import yaml
 
 from lssfl.common.config import parse_config
 from lssfl.common.models import build_model
-from lssfl.common.silodata import SiloData
+from lssfl.dataprep.silodata import SiloData
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.server.coordinator import Coordinator
 from lssfl.server.store import RoundStore

@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import sys
 
 from tests.conftest import free_port, lssfl_cmd, read_jsonl, run_lssfl, wait_for
 
@@ -66,3 +67,61 @@ def test_status_of_a_folder_without_a_run_is_one_line(tmp_path):
     proc = run_lssfl("status", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr == f"lssfl: error: {tmp_path} holds no run (no state.db)\n"
+
+
+def _run_folder(run_dir) -> None:
+    """A run folder as a coordinator leaves it mid-round: state.db, config.yaml, address."""
+    from lssfl.common.runfolder import ADDRESS_FILE
+    from lssfl.server.store import RoundStore
+
+    store = RoundStore(run_dir)
+    try:
+        store.save_config("run: {rounds: 3}\nsilos: [silo-1, silo-2, silo-3]\n")
+        store.put(run_id="study-1", selected='["silo-1", "silo-2"]', reported='["silo-2"]')
+        store.set_phase(2, "train")
+        store.set_silo("silo-1", "training", 120, "cpu")
+        store.set_silo("silo-2", "idle", 80, "cpu")
+    finally:
+        store.close()
+    (run_dir / ADDRESS_FILE).write_text("127.0.0.1:50051\n")
+
+
+# Through the real entry point (`python -m lssfl`), in a fresh interpreter: another test's
+# imports cannot hide one that `lssfl status` makes.
+STATUS_IN_A_FRESH_PROCESS = """
+import runpy, sys
+sys.argv = ["lssfl", "status", sys.argv[1]]
+try:
+    runpy.run_module("lssfl", run_name="__main__")
+except SystemExit as exc:
+    assert not exc.code, exc.code
+heavy = sorted(m for m in ("torch", "grpc") if m in sys.modules)
+print("heavy:", ",".join(heavy) or "none")
+"""
+
+
+def test_status_reads_a_run_folder_without_torch_or_grpc(tmp_path):
+    run_dir = tmp_path / "run"
+    _run_folder(run_dir)
+    proc = subprocess.run(
+        [sys.executable, "-c", STATUS_IN_A_FRESH_PROCESS, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    *lines, heavy = proc.stdout.splitlines()
+    assert heavy == "heavy: none"
+    ago = re.compile(r"\d+ s ago$")
+    assert [ago.sub("N s ago", line) for line in lines] == [
+        "run study-1: round 2 of 3, phase train",
+        "committed: nothing yet",
+        "bytes so far: 0.000 MB down, 0.000 MB up",
+        "round 2: 1/2 silos reported (silo-2)",
+        "address: 127.0.0.1:50051",
+        "silos: 2 live of 3 enrolled",
+        "  silo    state        samples  last heard",
+        "  silo-1  training         120  N s ago",
+        "  silo-2  idle              80  N s ago",
+        "  never joined: silo-3",
+    ]

@@ -2,7 +2,7 @@
 
 ``--data DIR`` of ``lssfl silo`` is one of:
 
-* a split folder (``lssfl.common.splits``): ``DIR/data.safetensors``. With ``x`` stored as
+* a split folder (``lssfl.dataprep.splits``): ``DIR/data.safetensors``. With ``x`` stored as
   float32 it is loaded whole, as it always was. With ``x`` stored as uint8 (``lssfl partition
   --uint8``) it stays on disk: each batch's images are read with ``pread`` and converted to
   float32 then, so memory does not grow with the number of images. An optional
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from lssfl.common.logs import one_line
-from lssfl.common.splits import (
+from lssfl.dataprep.splits import (
     DATA_FILE,
     IMAGENET_MEAN,
     IMAGENET_STD,

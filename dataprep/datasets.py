@@ -22,7 +22,7 @@ An image folder has a test split only when ``ROOT/train`` and ``ROOT/test`` both
 in the layout above; otherwise the whole folder is the train split.
 
 Nothing here touches the network unless ``download=True``; every missing or unreadable input
-raises :class:`~lssfl.common.data.DataError` naming the path and what was expected.
+raises :class:`~lssfl.dataprep.splits.DataError` naming the path and what was expected.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from lssfl.common.logs import one_line
-from lssfl.common.splits import IMAGENET_MEAN, IMAGENET_STD, DataError
+from lssfl.dataprep.catalog import canonical_name
+from lssfl.dataprep.splits import IMAGENET_MEAN, IMAGENET_STD, DataError
 
-# A published dataset's own train or test part (not a split folder, lssfl.common.splits.Split).
+# A published dataset's own train or test part (not a split folder, lssfl.dataprep.splits.Split).
 DatasetPart = Literal["train", "test"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -55,9 +56,12 @@ DIGIT_CLASSES = [str(d) for d in range(10)]
 
 @dataclass(frozen=True)
 class LabelledData:
-    """A loaded dataset split: ``x`` float32 N x C x H x W, ``y`` int64 N, class names.
+    """A source dataset's train or test part as read, before ``lssfl partition`` cuts it:
+    ``x`` float32 N x C x H x W, ``y`` int64 N, class names.
 
     ``domains`` (int64 N, indexes ``domain_names``) is set only for multi-domain folders.
+    Not :class:`lssfl.dataprep.splits.Split`, which is one split folder read back from disk:
+    that one carries its ``meta.json`` (split name, class count, domain) instead of names.
     """
 
     x: torch.Tensor
@@ -86,41 +90,6 @@ class _Raw:
     classes: list[str]
     domains: torch.Tensor | None = None
     domain_names: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- names
-
-_ALIASES = {
-    "mnist": "mnist",
-    "fashionmnist": "fashionmnist",
-    "fashion-mnist": "fashionmnist",
-    "fmnist": "fashionmnist",
-    "cifar10": "cifar10",
-    "cifar-10": "cifar10",
-    "svhn": "svhn",
-    "usps": "usps",
-    "imagefolder": "imagefolder",
-    "folder": "imagefolder",
-    "domainfolder": "domainfolder",
-    "domains": "domainfolder",
-}
-DATASETS: tuple[str, ...] = (
-    "mnist",
-    "fashionmnist",
-    "cifar10",
-    "svhn",
-    "usps",
-    "imagefolder",
-    "domainfolder",
-)
-
-
-def canonical_name(name: str) -> str:
-    """The canonical dataset name for ``name`` or an alias; ValueError if unknown."""
-    key = name.strip().lower()
-    if key not in _ALIASES:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return _ALIASES[key]
 
 
 def has_test_split(name: str, root: Path) -> bool:

@@ -1,5 +1,5 @@
 """The embedded default dataset, which needs no network, written as split folders
-(``lssfl.common.splits``: the on-disk format, its validation, loading).
+(``lssfl.dataprep.splits``: the on-disk format, its validation, loading).
 
 The embedded dataset is the real UCI handwritten digits bundled with scikit-learn, upsampled
 to 3x16x16 and restyled into five domains (a feature shift), split once into a public
@@ -24,10 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lssfl.common.config import ConfigError, RunConfig
+
 # The generator's names for the project's one seed derivation and one JSON writer.
-from lssfl.common.dirichlet import MIN_SILO_SAMPLES, dirichlet_split
 from lssfl.common.seeding import seed_of as _derive_seed
-from lssfl.common.splits import (
+from lssfl.dataprep.dirichlet import MIN_SILO_SAMPLES, dirichlet_split
+from lssfl.dataprep.splits import (
     DATA_FILE,
     META_FILE,
     NUM_CLASSES,
@@ -35,7 +37,7 @@ from lssfl.common.splits import (
     remove_stale_silos,
     save_split,
 )
-from lssfl.common.splits import write_json as _write_json
+from lssfl.dataprep.splits import write_json as _write_json
 
 MANIFEST_FILE = "manifest.json"
 
@@ -143,7 +145,7 @@ def _partition_pool(
 ) -> list[np.ndarray]:
     """Deal the (already shuffled) ``pool`` of digit indices out to silos, disjointly: in
     even parts, or with ``alpha`` each class in Dirichlet(alpha) shares over the silos
-    (``lssfl.common.dirichlet``, the same partitioner as ``lssfl partition``)."""
+    (``lssfl.dataprep.dirichlet``, the same partitioner as ``lssfl partition``)."""
     if alpha is None:
         return [np.sort(part) for part in np.array_split(pool, num_silos)]
     return [np.sort(pool[part]) for part in dirichlet_split(labels[pool], num_silos, alpha, rng)]
@@ -237,6 +239,25 @@ def check_domains(what: str, domains: Any) -> tuple[str, ...]:
     if len(set(domains)) != len(domains):
         raise ValueError(f"{what} lists a domain twice: {list(domains)}")
     return tuple(domains)
+
+
+def check_data_section(cfg: RunConfig) -> None:
+    """ConfigError (one line, ``SOURCE: data.KEY ...``) when ``data.domains`` or
+    ``data.pretrain_domains`` is set for data that is not embedded or names unknown domains.
+
+    ``load_config`` cannot check these (common does not import the data layer): whoever takes
+    a run config for use calls this right after loading it.
+    """
+    for key in ("domains", "pretrain_domains"):
+        value = getattr(cfg.data, key)
+        if value is None:
+            continue
+        if cfg.data.kind != "embedded":
+            raise ConfigError(f"{cfg.source}: data.{key} applies to data.kind 'embedded' only")
+        try:
+            check_domains(f"data.{key}", value)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.source}: {exc}") from None
 
 
 def _validate_params(num_silos: int, alpha: float | None, seed: int) -> None:

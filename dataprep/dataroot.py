@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lssfl.common.config import RunConfig
-from lssfl.common.data import materialize_embedded
+from lssfl.dataprep.embedded import materialize_embedded
 
 
 @dataclass

@@ -3,7 +3,7 @@
 One split folder ``DIR``:
 
 * ``DIR/data.safetensors``: tensors ``x`` (float32, N x C x H x W; or uint8 pixels, a quarter
-  of the size, which a silo reads per batch: ``lssfl.common.silodata``) and ``y`` (int64, N);
+  of the size, which a silo reads per batch: ``lssfl.dataprep.silodata``) and ``y`` (int64, N);
   the multi-domain test split also carries ``domain`` (int64, N), the per-sample domain index.
 * ``DIR/meta.json``: a JSON object, e.g. ``{"domain": "inverted", "num_classes": 10,
   "class_counts": [...]}``. ``num_classes`` bounds the labels (10 when absent).
@@ -44,7 +44,12 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """One loaded split: images ``x`` (N x C x H x W float32), labels ``y`` (N int64)."""
+    """One split folder read back: images ``x`` (N x C x H x W float32), labels ``y`` (N int64).
+
+    What a silo trains on and the coordinator tests on. Not
+    :class:`lssfl.dataprep.datasets.LabelledData`, a source dataset before partitioning,
+    which carries class and domain names where this carries the folder's ``meta.json``.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
