@@ -1,9 +1,10 @@
 """Coordinator: the round state machine behind the gRPC service.
 
-One driver thread (``run``) opens rounds, waits for results or the deadline, aggregates,
-evaluates and records; the gRPC worker threads call ``join``, ``get_task``, ``download``,
-``upload`` and ``heartbeat``. All shared state sits behind one condition variable, and no
-slow work (decoding, aggregation) happens while holding it. The phase moves only through
+One driver thread (``run``, the half in ``lssfl.server.driver``) opens rounds, waits for
+results or the deadline, aggregates, evaluates and records; the gRPC worker threads call this
+module's half: ``join``, ``get_task``, ``download``, ``upload``, ``heartbeat`` and the reports.
+All shared state sits behind one condition variable, and no slow work (decoding,
+aggregation) happens while holding it. The phase moves only through
 ``lssfl.server.phases.advance``; a refused call raises ``Refused`` with the refusal the
 checks of ``lssfl.server.admission`` return, and the service turns it into a status code.
 """

@@ -276,25 +276,27 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
         self, request: cpb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """This round's model as a stream of pre-serialized chunks."""
-        with self._bounded(context, request.silo_id, f"round {request.round} download") as w:
-            assert w is not None
+        with self._bounded(
+            context, request.silo_id, f"round {request.round} download"
+        ) as stream_watch:
+            assert stream_watch is not None
             messages = self.coordinator.download(request)
             self.meter.add(request.round, request.silo_id, UP, request.ByteSize())
-            with self.download_slots.take(w):
+            with self.download_slots.take(stream_watch):
                 # Pre-serialized ModelChunk messages: the serializer passes bytes through.
                 for msg in self.meter.sent(request.round, request.silo_id, messages):
                     yield msg
-                    w.touch()  # the previous message went out: the reader keeps up
+                    stream_watch.touch()  # the previous message went out: the reader keeps up
 
     def UploadResult(
         self, request_iterator: Iterator[Message], context: grpc.ServicerContext
     ) -> cpb.UploadReply:
         """A silo's trained model: header first (who, which round), then tensors."""
-        with self._bounded(context, None, "upload") as w:
-            assert w is not None
-            it = watched_messages(iter(request_iterator), w)
+        with self._bounded(context, None, "upload") as stream_watch:
+            assert stream_watch is not None
+            messages = watched_messages(iter(request_iterator), stream_watch)
             try:
-                header = read_header(it, "upload")
+                header = read_header(messages, "upload")
             except WireError:
                 log.warning("rejected upload: upload must start with its header")
                 raise RpcError(
@@ -307,9 +309,13 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
             if done is not None:
                 return done
             # Counted from the header on, once the coordinator has admitted the silo and round.
-            stream = self.meter.received(head.round, head.silo_id, itertools.chain([header], it))
+            stream = self.meter.received(
+                head.round, head.silo_id, itertools.chain([header], messages)
+            )
             next(stream)
-            return self.coordinator.upload(header, stream, slot=lambda: self.slots.take(w))
+            return self.coordinator.upload(
+                header, stream, slot=lambda: self.slots.take(stream_watch)
+            )
         raise AssertionError("unreachable")  # _bounded returns or aborts
 
     def Heartbeat(
