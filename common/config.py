@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+# coordinator.aggregation's known rules (lssfl.server.aggregate.RULES implements them).
+AGGREGATION_RULES = ("weighted_mean",)
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
@@ -58,6 +61,8 @@ class CoordinatorSection:
     # silo, and wait for all of them).
     silos_per_round: int | None = None
     over_select: int = 0
+    # How the round's models make the next global one (AGGREGATION_RULES).
+    aggregation: str = "weighted_mean"
     # The most samples a silo may declare at Join; an upload may not weigh more than its
     # silo declared. Bounds how much one silo can weigh in the average.
     max_num_samples: int = 1_000_000_000
@@ -229,6 +234,11 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("coordinator.silos_per_round must be between min_silos and len(silos)")
     if cfg.coordinator.over_select < 0:
         raise ConfigError("coordinator.over_select must be >= 0")
+    if cfg.coordinator.aggregation not in AGGREGATION_RULES:
+        raise ConfigError(
+            f"coordinator.aggregation {cfg.coordinator.aggregation!r} is not one of "
+            f"{', '.join(AGGREGATION_RULES)}"
+        )
     if cfg.coordinator.max_num_samples < 1:
         raise ConfigError("coordinator.max_num_samples must be >= 1")
     for key in ("max_update_norm", "max_wait_s"):

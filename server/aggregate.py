@@ -1,11 +1,17 @@
-"""Sample-count weighted averaging of state dicts (FedAvg aggregation), and what a state
-must be to enter one."""
+"""The aggregation rule (which silos train each round, how their models combine), the
+sample-count weighted average it uses by default (FedAvg), and what a state must be to enter
+an aggregate."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import torch
+
+from lssfl.common.config import RunConfig
+from lssfl.common.seeding import derive_seed
 
 
 def weighted_average(
@@ -40,20 +46,55 @@ def weighted_average(
     return out
 
 
-def check_state(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> str | None:
-    """Why ``state`` cannot enter an aggregate with ``like``, or None if it can."""
-    unknown = sorted(set(state) - set(like))
-    if unknown:
-        return f"unknown tensor {unknown[0]!r}"
-    absent = sorted(set(like) - set(state))
-    if absent:
-        return f"missing tensor {absent[0]!r}"
-    for name, ref in like.items():
-        t = state[name]
-        if t.shape != ref.shape:
-            return f"tensor {name!r} has shape {list(t.shape)}, expected {list(ref.shape)}"
-        if t.dtype != ref.dtype:
-            return f"tensor {name!r} has dtype {t.dtype}, expected {ref.dtype}"
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return f"tensor {name!r} holds NaN or infinite values"
-    return None
+class AggregationRule(Protocol):
+    """Which silos train each round and how their models make the next global model."""
+
+    def select(self, alive: list[str], round_num: int) -> set[str]:
+        """The silos asked to train in ``round_num``, out of the live ones (sorted)."""
+        ...
+
+    def aggregate(
+        self,
+        states: Iterable[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        base: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The next global model from the round's ``states`` (read once, in order),
+        ``weights`` (sample counts) and ``base`` (the round's global model)."""
+        ...
+
+
+class WeightedMean:
+    """FedAvg: every live silo, or ``silos_per_round`` + ``over_select`` of them drawn with
+    the run's seed; models averaged by sample count."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.seed = cfg.run.seed
+        self.silos_per_round = cfg.coordinator.silos_per_round
+        self.over_select = cfg.coordinator.over_select
+
+    def select(self, alive: list[str], round_num: int) -> set[str]:
+        """Every live silo, or a seeded draw of k + m of them."""
+        k = self.silos_per_round
+        if k is None:
+            return set(alive)
+        rng = random.Random(derive_seed(self.seed, round_num, "selection"))
+        return set(rng.sample(alive, min(len(alive), k + self.over_select)))
+
+    def aggregate(
+        self,
+        states: Iterable[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        base: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The sample-count weighted average, shaped like ``base``."""
+        return weighted_average(states, weights, base)
+
+
+# coordinator.aggregation's names (lssfl.common.config.AGGREGATION_RULES lists the same).
+RULES: dict[str, Callable[[RunConfig], AggregationRule]] = {"weighted_mean": WeightedMean}
+
+
+def aggregation_rule(cfg: RunConfig) -> AggregationRule:
+    """The rule ``coordinator.aggregation`` names (checked when the config was read)."""
+    return RULES[cfg.coordinator.aggregation](cfg)

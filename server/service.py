@@ -32,8 +32,10 @@ from lssfl.common.security import (
 from lssfl.common.wire import MAX_MESSAGE_BYTES, Message, WireError, read_header
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import coordinator_pb2_grpc as cgrpc
-from lssfl.server.coordinator import Coordinator, RpcError
+from lssfl.server.admission import Refused
+from lssfl.server.coordinator import Coordinator
 from lssfl.server.meter import UP
+from lssfl.server.rpcerror import RpcError
 from lssfl.server.streams import (
     CALLS_PER_SILO,
     DOWNLOADS_AT_ONCE,
@@ -47,7 +49,12 @@ from lssfl.server.streams import (
 )
 
 log = logging.getLogger("lssfl.service")
-T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _current_round(reply: Any) -> int:
+    """The round a reply names as current (Join, Heartbeat, ReportFailure)."""
+    return int(reply.current_round)
 
 
 class Gatekeeper:
@@ -145,7 +152,7 @@ class CallerCheck(grpc.ServerInterceptor):
     def __init__(
         self,
         gate: Gatekeeper,
-        count_refusal: Callable[[grpc.StatusCode], None],
+        count_refusal: Callable[[str], None],
         pools: CallerPools,
     ) -> None:
         self.gate = gate
@@ -164,7 +171,7 @@ class CallerCheck(grpc.ServerInterceptor):
             caller = self.gate.caller(dict(handler_call_details.invocation_metadata))
         except RpcError as exc:
             log.warning("refused %s: %s", handler_call_details.method.rsplit("/", 1)[-1], exc)
-            self.count_refusal(exc.code)
+            self.count_refusal(exc.code.name)
             return _refusal(exc.code, str(exc))
         handler = continuation(handler_call_details)
         return None if handler is None else self.pools.route(caller, handler)
@@ -182,7 +189,7 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
     """The Coordinator service: each RPC checked and bounded, then handed to the Coordinator."""
 
     def __init__(self, coordinator: Coordinator) -> None:
-        self.c = coordinator
+        self.coordinator = coordinator
         self.meter = coordinator.meter  # what enters and leaves is counted here, at the edge
         self.gate = Gatekeeper(coordinator.cfg.security, coordinator.cfg.silos)
         self.limits = PeerLimits()
@@ -215,14 +222,15 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
                     stack.enter_context(self.limits.hold(peer, "model streams", STREAMS_PER_SILO))
                     label = f"{what} of silo {peer or silo_id or '?'} ({context.peer()})"
                     watched = stack.enter_context(
-                        self.watch.watch(label, context, self.c.stream_deadline())
+                        self.watch.watch(label, context, self.coordinator.stream_deadline())
                     )
                 if silo_id is not None:
                     self.gate.check(context, silo_id)
                 yield watched
-        except RpcError as exc:
-            self.c.count_refusal(exc.code)
-            context.abort(exc.code, str(exc))
+        except (RpcError, Refused) as exc:
+            error = RpcError.of(exc.refusal) if isinstance(exc, Refused) else exc
+            self.coordinator.count_refusal(error.code.name)
+            context.abort(error.code, str(error))
         except grpc.RpcError:
             if watched is not None and watched.tripped:
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"cancelled: {watched.tripped}")
@@ -242,53 +250,53 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
             log.exception("internal error")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
 
-    def _answer(
+    def _unary(
         self,
         context: grpc.ServicerContext,
-        silo_id: str,
-        method: Callable[..., T],
-        *args: Any,
-    ) -> T:
-        """``method(*args)`` for a caller checked to be ``silo_id``, within its bounds."""
-        with self._bounded(context, silo_id):
-            return method(*args)
-        raise AssertionError("unreachable")  # _bounded returns or aborts
+        request: Any,
+        method: Callable[[Any], R],
+        round_of: Callable[[R], int],
+    ) -> R:
+        """``method(request)`` for a caller checked to be ``request.silo_id``, within its
+        bounds; the request and reply counted by the meter in the round ``round_of(reply)``."""
+        with self._bounded(context, request.silo_id):
+            reply = method(request)
+        self.meter.call(round_of(reply), request.silo_id, request, reply)
+        return reply
 
     def Join(self, request: cpb.JoinRequest, context: grpc.ServicerContext) -> cpb.JoinReply:
         """A silo enrols for the run."""
-        reply = self._answer(context, request.silo_id, self.c.join, request)
-        self.meter.call(reply.current_round, request.silo_id, request, reply)
-        return reply
+        return self._unary(context, request, self.coordinator.join, _current_round)
 
     def GetTask(self, request: cpb.TaskRequest, context: grpc.ServicerContext) -> cpb.Task:
         """A silo's long poll for its next task."""
-        task = self._answer(context, request.silo_id, self.c.get_task, request)
-        self.meter.call(task.round, request.silo_id, request, task)
-        return task
+        return self._unary(context, request, self.coordinator.get_task, lambda task: task.round)
 
     def DownloadModel(
         self, request: cpb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """This round's model as a stream of pre-serialized chunks."""
-        with self._bounded(context, request.silo_id, f"round {request.round} download") as w:
-            assert w is not None
-            messages = self.c.download(request)
+        with self._bounded(
+            context, request.silo_id, f"round {request.round} download"
+        ) as stream_watch:
+            assert stream_watch is not None
+            messages = self.coordinator.download(request)
             self.meter.add(request.round, request.silo_id, UP, request.ByteSize())
-            with self.download_slots.take(w):
+            with self.download_slots.take(stream_watch):
                 # Pre-serialized ModelChunk messages: the serializer passes bytes through.
                 for msg in self.meter.sent(request.round, request.silo_id, messages):
                     yield msg
-                    w.touch()  # the previous message went out: the reader keeps up
+                    stream_watch.touch()  # the previous message went out: the reader keeps up
 
     def UploadResult(
         self, request_iterator: Iterator[Message], context: grpc.ServicerContext
     ) -> cpb.UploadReply:
         """A silo's trained model: header first (who, which round), then tensors."""
-        with self._bounded(context, None, "upload") as w:
-            assert w is not None
-            it = watched_messages(iter(request_iterator), w)
+        with self._bounded(context, None, "upload") as stream_watch:
+            assert stream_watch is not None
+            messages = watched_messages(iter(request_iterator), stream_watch)
             try:
-                header = read_header(it, "upload")
+                header = read_header(messages, "upload")
             except WireError:
                 log.warning("rejected upload: upload must start with its header")
                 raise RpcError(
@@ -297,39 +305,39 @@ class CoordinatorServicer(cgrpc.CoordinatorServicer):
             head = header.upload
             self.gate.same_silo(self.gate.caller(dict(context.invocation_metadata())), head.silo_id)
             self.gate.check(context, head.silo_id)
-            done = self.c.admit_upload(header)
+            done = self.coordinator.admit_upload(header)
             if done is not None:
                 return done
             # Counted from the header on, once the coordinator has admitted the silo and round.
-            stream = self.meter.received(head.round, head.silo_id, itertools.chain([header], it))
+            stream = self.meter.received(
+                head.round, head.silo_id, itertools.chain([header], messages)
+            )
             next(stream)
-            return self.c.upload(header, stream, slot=lambda: self.slots.take(w))
+            return self.coordinator.upload(
+                header, stream, slot=lambda: self.slots.take(stream_watch)
+            )
         raise AssertionError("unreachable")  # _bounded returns or aborts
 
     def Heartbeat(
         self, request: cpb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> cpb.HeartbeatReply:
         """A silo's sign of life."""
-        reply = self._answer(context, request.silo_id, self.c.heartbeat, request)
-        self.meter.call(reply.current_round, request.silo_id, request, reply)
-        return reply
+        return self._unary(context, request, self.coordinator.heartbeat, _current_round)
 
     def ReportFailure(
         self, request: cpb.FailureReport, context: grpc.ServicerContext
     ) -> cpb.FailureReply:
         """A silo could not do its task this round."""
-        reply = self._answer(context, request.silo_id, self.c.report_failure, request)
-        self.meter.call(reply.current_round, request.silo_id, request, reply)
-        return reply
+        return self._unary(context, request, self.coordinator.report_failure, _current_round)
 
     def ReportEvaluation(
         self, request: cpb.EvaluationReport, context: grpc.ServicerContext
     ) -> cpb.EvaluationReply:
         """A silo's measure of the final model on its own held-out data."""
-        reply = self._answer(context, request.silo_id, self.c.report_evaluation, request)
         # The coordinator accepted it for request.round, the round being evaluated.
-        self.meter.call(request.round, request.silo_id, request, reply)
-        return reply
+        return self._unary(
+            context, request, self.coordinator.report_evaluation, lambda _reply: request.round
+        )
 
 
 def server_credentials(security: SecuritySection) -> grpc.ServerCredentials | None:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from lssfl.server.coordinator import RpcError
+from lssfl.server.rpcerror import RpcError
 
 log = logging.getLogger("lssfl.service")
 T = TypeVar("T")

@@ -10,8 +10,7 @@ from lssfl.common.codecs import parse_codec
 from lssfl.common.wire import decode_model, pack_state, stream_tensors
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
-from tests.conftest import read_jsonl, run_lssfl
-from tests.test_service import Harness
+from tests.conftest import Harness, read_jsonl, run_lssfl
 
 
 @pytest.mark.slow  # coordinator and silos as OS processes
@@ -125,7 +124,7 @@ def test_delta_downlink_reconstruction_matches_the_coordinator(tmp_path):
         # int8 of the change (+ a scale and zero point per row), not fp32
         assert delta.payload_bytes < 0.32 * 64 * 32 * 4
         # The silo holds exactly what the coordinator decodes uploads against.
-        assert torch.equal(delta.state["w"], h.coordinator._broadcast["w"])
+        assert torch.equal(delta.state["w"], h.coordinator.downlink.held["w"])
         assert int(delta.state["n"]) == 4
         # A silo that lost its copy gets that same model whole.
         full = h.download(round_num=2)

@@ -18,8 +18,7 @@ from lssfl.dataprep.splits import load_split, save_split
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.silo.daemon import SiloDaemon
-from tests.conftest import read_jsonl, run_lssfl, wait_for
-from tests.test_service import Harness, _code
+from tests.conftest import Harness, read_jsonl, run_lssfl, status_of, wait_for
 
 
 def _upload(h, state, silo, evaluation):
@@ -61,7 +60,7 @@ def test_silo_figures_go_to_the_round_whose_model_they_measured_bounded_and_mete
             (pb.Evaluation(accuracy=0.5, loss=math.inf, num_samples=4), "loss must be a finite"),
             (pb.Evaluation(accuracy=0.5, loss=0.1, num_samples=11), "num_samples must be in"),
         ]:
-            code, details = _code(lambda bad=bad: _upload(h, state, "s1", bad))
+            code, details = status_of(lambda bad=bad: _upload(h, state, "s1", bad))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and why in details, details
         # The model received in round 1 is round 0's: that is where the figures go.
         _upload(h, state, "s1", pb.Evaluation(accuracy=0.5, loss=2.0, num_samples=2))
@@ -76,11 +75,11 @@ def test_silo_figures_go_to_the_round_whose_model_they_measured_bounded_and_mete
         # The final model: downloaded whole, then measured through ReportEvaluation, which
         # is authenticated, bounded and metered like every other call.
         assert h.download("s1").state["w"].equal(h.coordinator.global_state["w"])
-        code, _ = _code(lambda: _report(h, "mallory", 0.5))
+        code, _ = status_of(lambda: _report(h, "mallory", 0.5))
         assert code == grpc.StatusCode.PERMISSION_DENIED
-        code, details = _code(lambda: _report(h, "s1", -0.1))
+        code, details = status_of(lambda: _report(h, "s1", -0.1))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "[0, 1]" in details
-        code, details = _code(lambda: _report(h, "s1", 0.5, round_num=7))
+        code, details = status_of(lambda: _report(h, "s1", 0.5, round_num=7))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 7" in details
         before = h.coordinator.meter.get(1, "s1", "up").messages
         assert _report(h, "s1", 1.0, n=3).accepted
@@ -215,12 +214,12 @@ def test_report_evaluation_is_authenticated_like_every_call(tmp_path):
         return h.stub.ReportEvaluation(request, timeout=10, metadata=metadata)
 
     try:
-        code, details = _code(lambda: report(None))
+        code, details = status_of(lambda: report(None))
         assert code == grpc.StatusCode.UNAUTHENTICATED and "missing bearer token" in details
-        code, details = _code(lambda: report("silo-2"))  # another silo's token
+        code, details = status_of(lambda: report("silo-2"))  # another silo's token
         assert code == grpc.StatusCode.UNAUTHENTICATED and "not valid for silo 'silo-1'" in details
         # Its own token gets it past the gate, to the coordinator's own checks.
-        code, details = _code(lambda: report("silo-1"))
+        code, details = status_of(lambda: report("silo-1"))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "must join first" in details
     finally:
         h.close()

@@ -15,8 +15,7 @@ from lssfl.common.runfolder import read_status
 from lssfl.common.wire import MAX_MESSAGE_BYTES, encode_model
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
-from tests.conftest import read_jsonl
-from tests.test_service import Harness, _code
+from tests.conftest import Harness, read_jsonl, status_of
 
 
 def _upload(h, state, silo="s1", round_num=1, **header):
@@ -45,7 +44,7 @@ def test_upload_weight_is_bounded_by_what_the_silo_declared_at_join(harness):
     h.open_round()
     zeros = {"w": torch.zeros(4)}
     for weight in (2**62, 11, 0):
-        code, details = _code(lambda w=weight: _upload(h, zeros, num_samples=w))
+        code, details = status_of(lambda w=weight: _upload(h, zeros, num_samples=w))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert f"num_samples {weight} is not in [1, 10] (declared at Join)" in details
     assert _upload(h, {"w": 3 * torch.ones(4)}, num_samples=10).accepted
@@ -54,7 +53,7 @@ def test_upload_weight_is_bounded_by_what_the_silo_declared_at_join(harness):
     # The attacker's zeros never entered the average.
     assert torch.equal(h.coordinator.global_state["w"], 2 * torch.ones(4))
     # Nor can a silo declare an absurd count at Join.
-    code, details = _code(
+    code, details = status_of(
         lambda: h.stub.Join(cpb.JoinRequest(silo_id="s2", num_samples=2**62), timeout=5)
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_num_samples" in details
@@ -65,7 +64,7 @@ def test_update_norm_bound_refuses_finite_but_absurd_weights(harness):
     h = harness(state, silos=("s1",), max_update_norm=10.0)
     h.join("s1")
     h.open_round()
-    code, details = _code(
+    code, details = status_of(
         lambda: _upload(h, {"w": torch.full((4,), 1e38), "n": torch.tensor(3)}, num_samples=10)
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -99,7 +98,7 @@ def test_peer_strings_are_escaped_and_bounded_in_log_and_store(harness, tmp_path
     device = row["device"]
     assert device == peer_text(forged) and len(device) <= 128
     # An unknown id is escaped too.
-    code, details = _code(
+    code, details = status_of(
         lambda: h.stub.Join(cpb.JoinRequest(silo_id="evil\nid" * 1000, num_samples=1), timeout=5)
     )
     assert code == grpc.StatusCode.PERMISSION_DENIED and "\n" not in details
@@ -119,7 +118,9 @@ def test_upload_metrics_are_bounded_and_finite(harness, metrics, problem):
     h = harness({"w": torch.zeros(4)}, silos=("s1",))
     h.join("s1")
     h.open_round()
-    code, details = _code(lambda: _upload(h, {"w": torch.ones(4)}, num_samples=10, metrics=metrics))
+    code, details = status_of(
+        lambda: _upload(h, {"w": torch.ones(4)}, num_samples=10, metrics=metrics)
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and problem in details
     ok = _upload(h, {"w": torch.ones(4)}, num_samples=10, metrics={"train_loss": 0.5})
     assert ok.accepted
@@ -178,9 +179,9 @@ def test_failure_report_stops_the_wait_for_that_silo(harness, caplog):
     reason = "data does not fit\nthe model " + "z" * 10_000
     report = cpb.FailureReport(silo_id="s2", run_id="run1", round=1, reason=reason)
     assert h.stub.ReportFailure(report, timeout=5).current_round == 1
-    with h.coordinator._cond:  # no more TRAIN for s2 this round (GetTask would long-poll)
-        assert h.coordinator._task_for("s2") is None
-        assert h.coordinator._task_for("s1").kind == cpb.Task.TRAIN
+    # No more TRAIN for s2 this round (GetTask would long-poll).
+    assert h.coordinator.pending_task("s2") is None
+    assert h.coordinator.pending_task("s1").kind == cpb.Task.TRAIN
     assert _upload(h, {"w": torch.ones(4)}, num_samples=10).accepted
     h.thread.join(10)
     assert not h.thread.is_alive()  # closed long before the 30 s deadline
@@ -258,7 +259,7 @@ def test_join_refuses_data_that_does_not_fit_the_model(harness):
         request = cpb.JoinRequest(
             silo_id="s1", num_samples=5, sample_shape=shape, num_classes=classes
         )
-        code, details = _code(lambda r=request: h.stub.Join(r, timeout=5))
+        code, details = status_of(lambda r=request: h.stub.Join(r, timeout=5))
         assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, problem)
     ok = cpb.JoinRequest(silo_id="s1", num_samples=5, sample_shape=[3, 16, 16], num_classes=10)
     assert h.stub.Join(ok, timeout=5).run_id == "run1"

@@ -16,8 +16,7 @@ from lssfl.common.security import CA_CERT, channel_credentials, make_certs
 from lssfl.common.wire import decode_model, pack_state, stream_tensors
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
-from tests.conftest import wait_for
-from tests.test_service import Harness
+from tests.conftest import Harness, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 

@@ -14,8 +14,7 @@ from lssfl.common.config import ConfigError, parse_config
 from lssfl.common.records import RoundRecord
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.server.prometheus import serve_metrics
-from tests.conftest import read_jsonl
-from tests.test_service import Harness
+from tests.conftest import Harness, read_jsonl
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

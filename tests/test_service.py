@@ -1,6 +1,5 @@
 """The coordinator's gRPC service, in this process, over a real loopback socket."""
 
-import contextlib
 import threading
 import time
 
@@ -9,90 +8,12 @@ import pytest
 import torch
 
 from lssfl.common.codecs import parse_codec
-from lssfl.common.config import parse_config
-from lssfl.common.rpc import CHANNEL_OPTIONS, SERVICE, coordinator_stub
-from lssfl.common.wire import decode_model, encode_model, pack_state, parse_chunk, stream_tensors
+from lssfl.common.rpc import SERVICE
+from lssfl.common.wire import encode_model, pack_state, parse_chunk, stream_tensors
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
-from lssfl.server.coordinator import Coordinator
-from lssfl.server.service import serve
 from lssfl.server.store import RoundStore, state_bytes
-from tests.conftest import read_jsonl
-
-
-class Harness:
-    def __init__(
-        self,
-        tmp_path,
-        state,
-        silos=("s1", "s2"),
-        deadline=30.0,
-        compression=None,
-        security=None,
-        credentials=None,
-        evaluation=None,
-        rounds=3,
-        **coordinator,
-    ):
-        cfg = parse_config(
-            {
-                "silos": list(silos),
-                "coordinator": {"min_silos": 1, "round_deadline_s": deadline, **coordinator},
-                "model": {"name": "mlp", "init": "random"},
-                "data": {"kind": "folders"},
-                "compression": compression or {},
-                "security": security or {},
-                "evaluation": evaluation or {},
-                "run": {"rounds": rounds},
-            }
-        )
-        self.store = RoundStore(tmp_path)
-        evaluate = None if cfg.evaluation.where == "silos" else lambda s: (0.0, 0.0)
-        self.coordinator = Coordinator(cfg, self.store, state, evaluate, run_id="run1")
-        self.server, self.port = serve(self.coordinator, "127.0.0.1", 0)
-        target = f"127.0.0.1:{self.port}"
-        self.channel = (
-            grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
-            if credentials
-            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        )
-        self.stub = coordinator_stub(self.channel)
-        self.thread = None
-
-    def join(self, *silos):
-        for s in silos:
-            self.stub.Join(cpb.JoinRequest(silo_id=s, num_samples=10), timeout=5)
-
-    def open_round(self, round_num=1):
-        def run_round():
-            with contextlib.suppress(KeyboardInterrupt):  # what stop() raises mid-round
-                self.coordinator.run_round(round_num)
-
-        self.thread = threading.Thread(target=run_round)
-        self.thread.start()
-        task = self.stub.GetTask(cpb.TaskRequest(silo_id="s1", run_id="run1"), timeout=10)
-        assert task.kind == cpb.Task.TRAIN and task.round == round_num
-        return task
-
-    def download(self, silo="s1", round_num=1):
-        stream = self.stub.DownloadModel(
-            cpb.DownloadRequest(silo_id=silo, run_id="run1", round=round_num), timeout=60
-        )
-        return decode_model(stream, header_kind="download", max_payload_bytes=1 << 31)
-
-    def upload(self, state, silo="s1", round_num=1, messages=None):
-        header = pb.ModelChunk(
-            upload=pb.UploadHeader(run_id="run1", round=round_num, silo_id=silo, num_samples=10)
-        )
-        msgs = messages if messages is not None else encode_model(state, header)
-        return self.stub.UploadResult(iter(msgs), timeout=60)
-
-    def close(self):
-        self.coordinator.stop()
-        if self.thread:
-            self.thread.join(10)
-        self.channel.close()
-        self.server.stop(0).wait()
+from tests.conftest import Harness, read_jsonl, status_of
 
 
 @pytest.fixture
@@ -101,12 +22,6 @@ def small(tmp_path):
     h = Harness(tmp_path, state)
     yield h, state
     h.close()
-
-
-def _code(call):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 def test_model_larger_than_50_mb_goes_down_and_up_bit_exact(tmp_path):
@@ -140,16 +55,16 @@ def test_model_larger_than_50_mb_goes_down_and_up_bit_exact(tmp_path):
 
 def test_unknown_silo_is_refused_and_logged(small, caplog):
     h, _ = small
-    code, details = _code(lambda: h.stub.Join(cpb.JoinRequest(silo_id="mallory"), timeout=5))
+    code, details = status_of(lambda: h.stub.Join(cpb.JoinRequest(silo_id="mallory"), timeout=5))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "mallory" in details
-    code, _ = _code(lambda: h.stub.GetTask(cpb.TaskRequest(silo_id="mallory"), timeout=5))
+    code, _ = status_of(lambda: h.stub.GetTask(cpb.TaskRequest(silo_id="mallory"), timeout=5))
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert "unknown silo 'mallory'" in caplog.text
 
 
 def test_calls_before_join_are_refused(small):
     h, _ = small
-    code, details = _code(lambda: h.stub.GetTask(cpb.TaskRequest(silo_id="s1"), timeout=5))
+    code, details = status_of(lambda: h.stub.GetTask(cpb.TaskRequest(silo_id="s1"), timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "join first" in details
 
 
@@ -177,7 +92,7 @@ def test_bad_uploads_are_refused_and_the_round_still_completes(small, caplog):
     h.join("s1", "s2")
     h.open_round()
     for case, (bad_state, msgs, reason) in _bad_uploads(state).items():
-        code, details = _code(lambda: h.upload(bad_state, messages=msgs))  # noqa: B023
+        code, details = status_of(lambda: h.upload(bad_state, messages=msgs))  # noqa: B023
         assert code == grpc.StatusCode.INVALID_ARGUMENT, case
         assert reason in details, (case, details)
         assert f"rejected upload: {details.removeprefix('bad upload stream: ')}" in caplog.text
@@ -208,19 +123,19 @@ def test_results_for_a_closed_round_are_refused_and_counted(small):
     h.upload(state, silo="s2")
     assert evaluating.wait(10)
     # Closed but not yet recorded: counted in round 1's own record.
-    code, details = _code(lambda: h.upload(state, round_num=1))
+    code, details = status_of(lambda: h.upload(state, round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
     release.set()
     h.thread.join(10)
     assert [r["late_refused"] for r in read_jsonl(h.store.metrics_path)] == [1]
     # Once recorded, a round's record is not rewritten: refused, counted nowhere.
-    code, details = _code(lambda: h.upload(state, round_num=1))
+    code, details = status_of(lambda: h.upload(state, round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
     # A round not yet open: refused as such, not late.
-    code, details = _code(lambda: h.upload(state, round_num=7))
+    code, details = status_of(lambda: h.upload(state, round_num=7))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 7 is not open" in details
-    assert h.coordinator._late == {1: 1}
-    code, _ = _code(lambda: h.download(round_num=1))
+    assert h.coordinator.late_refused(1) == 1
+    code, _ = status_of(lambda: h.download(round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -232,7 +147,9 @@ def test_standard_health_service_reports_serving(small):
     for service in ("", "lssfl.v1.Coordinator"):
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    code, _ = _code(lambda: stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5))
+    code, _ = status_of(
+        lambda: stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+    )
     assert code == grpc.StatusCode.NOT_FOUND
 
 
@@ -245,9 +162,9 @@ def test_replayed_upload_from_an_earlier_round_is_refused(small):
     h.thread.join(10)
     h.open_round(2)
     # s1 replays its round-1 upload while round 2 is open: refused, not aggregated.
-    code, details = _code(lambda: h.upload(state, round_num=1))
+    code, details = status_of(lambda: h.upload(state, round_num=1))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "round 1 is closed" in details
-    assert h.coordinator._results == {}
+    assert h.coordinator.accepted() == []
     h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}, round_num=2)
     h.upload({"w": torch.ones(8, 4), "n": torch.tensor(5)}, silo="s2", round_num=2)
     h.thread.join(10)
@@ -265,16 +182,16 @@ def test_over_selection_uses_the_first_k_results(tmp_path):
         h.thread = threading.Thread(target=h.coordinator.run_round, args=(1,))
         h.thread.start()
         _wait = time.monotonic() + 10
-        while not h.coordinator._selected and time.monotonic() < _wait:
+        while not h.coordinator.selected() and time.monotonic() < _wait:
             time.sleep(0.01)
-        selected = sorted(h.coordinator._selected)
+        selected = h.coordinator.selected()
         assert len(selected) == 2
         first, second = selected
         assert h.upload({"w": torch.ones(3)}, silo=first).accepted
         h.thread.join(10)
         assert not h.thread.is_alive()  # closed on the first result, no deadline wait
         assert torch.equal(h.coordinator.global_state["w"], torch.ones(3))
-        code, details = _code(lambda: h.upload({"w": torch.ones(3)}, silo=second))
+        code, details = status_of(lambda: h.upload({"w": torch.ones(3)}, silo=second))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "closed" in details
     finally:
         h.close()
@@ -308,10 +225,10 @@ def test_upload_over_max_upload_mb_is_refused_by_the_service(tmp_path):
     try:
         h.join("s1")
         h.open_round()
-        code, details = _code(lambda: h.upload({"w": torch.ones(64, 64)}))
+        code, details = status_of(lambda: h.upload({"w": torch.ones(64, 64)}))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "stream exceeds the size limit" in details
-        assert h.coordinator._results == {}
+        assert h.coordinator.accepted() == []
         # Still serving: the same values as an int8 update (4 KiB + scales) fit the limit.
         header = pb.ModelChunk(
             upload=pb.UploadHeader(run_id="run1", round=1, silo_id="s1", num_samples=10)
@@ -325,16 +242,16 @@ def test_upload_over_max_upload_mb_is_refused_by_the_service(tmp_path):
 
 
 def test_each_round_is_encoded_once_and_every_silo_gets_the_same_bytes(tmp_path, monkeypatch):
-    import lssfl.server.coordinator as coordinator_module
+    import lssfl.server.downlink as downlink_module
 
     encodes = []
-    real_pack_state = coordinator_module.pack_state
+    real_pack_state = downlink_module.pack_state
 
     def counting_pack_state(*args, **kwargs):
         encodes.append(args[1].name if len(args) > 1 else "fp32")
         return real_pack_state(*args, **kwargs)
 
-    monkeypatch.setattr(coordinator_module, "pack_state", counting_pack_state)
+    monkeypatch.setattr(downlink_module, "pack_state", counting_pack_state)
     silos = ("s1", "s2", "s3")
     state = {"w": torch.randn(64, 32), "n": torch.tensor(3)}
     compression = {"downlink": "int8", "delta_downlink": True}

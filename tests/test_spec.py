@@ -52,7 +52,8 @@ def test_the_coordinator_builds_the_trainer_once_and_sends_what_it_records(tmp_p
     store = RoundStore(tmp_path)
     try:
         coordinator = Coordinator(cfg, store, state, lambda s: (0.0, 0.0), run_id="run1")
-        sent = json.loads(coordinator._trainer_json)
+        task = coordinator.tasks.train(1, "s1", time.monotonic() + 60)  # the TRAIN task it sends
+        sent = json.loads(task.trainer_json)
     finally:
         store.close()
     assert constructions[0] == 1

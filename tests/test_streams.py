@@ -20,8 +20,7 @@ from lssfl.common.wire import (
 from lssfl.proto import coordinator_pb2 as cpb
 from lssfl.proto import tensor_pb2 as pb
 from lssfl.server.streams import STREAMS_PER_SILO
-from tests.conftest import read_jsonl
-from tests.test_service import Harness
+from tests.conftest import Harness, read_jsonl
 
 
 def _as(silo):
@@ -50,7 +49,7 @@ def _silent(release: threading.Event, first=()):
     release.wait()
 
 
-def _code(future, timeout=20):
+def status_of(future, timeout=20):
     exc = future.exception(timeout=timeout)
     return exc.code() if exc is not None else grpc.StatusCode.OK
 
@@ -76,7 +75,7 @@ def test_silent_and_unread_streams_do_not_stop_honest_silos(tmp_path, caplog):
             stub.UploadResult.future(_silent(release), timeout=30, metadata=_as("s2"))
             for _ in range(STREAMS_PER_SILO + 3)
         ]
-        codes = [_code(f) for f in silent + claimed]
+        codes = [status_of(f) for f in silent + claimed]
         refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
         # Beyond their bounds refused at once; within them cancelled once idle.
         assert refused >= len(codes) - 4 - STREAMS_PER_SILO, codes
@@ -127,7 +126,7 @@ def test_a_slow_drip_upload_is_cancelled_when_its_round_closes(tmp_path, caplog)
             time.sleep(0.05)
         got = _download(h.stub, "s1")
         assert _upload(h.stub, got.state, "s1").accepted  # the round's one result: it closes
-        assert _code(slow) == grpc.StatusCode.CANCELLED
+        assert status_of(slow) == grpc.StatusCode.CANCELLED
         assert len(sent) < 100  # cut off, not read to its end 50 s later
         assert "upload of silo s2" in caplog.text and "cancelled: its round closed" in caplog.text
     finally:
