@@ -58,8 +58,7 @@ def serve_grpc(model: str, port_file: Path) -> None:
     c = Coordinator(cfg, RoundStore(Path(tempfile.mkdtemp())), state_dict(model), lambda s: (0, 0))
     server, port = serve(c, "127.0.0.1", 0)
     port_file.write_text(json.dumps({"port": port}))
-    while not c._silos:  # the round opens for the benchmark client once it has joined
-        time.sleep(0.01)
+    c.wait_for_silos()  # the round opens for the benchmark client once it has joined
     threading.Thread(target=c.run_round, args=(1,), daemon=True).start()
     server.wait_for_termination()
 

@@ -84,7 +84,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass
-class _Trained:
+class Trained:
     """What a TRAIN task's local work leaves to publish."""
 
     model: torch.nn.Module
@@ -149,7 +149,7 @@ class SiloDaemon:
         # Evaluation at the silos: (the task's evaluation_json, train x, y, held-out x, y).
         self._eval_split: tuple[str, Images, Tensor, Images, Tensor] | None = None
 
-    def _split_for(self, evaluation_json: str) -> tuple[Images, Tensor, Images, Tensor]:
+    def split_for(self, evaluation_json: str) -> tuple[Images, Tensor, Images, Tensor]:
         """(train x, y, held-out x, y) under the task's evaluation settings: the silo's own
         test split when it has one, else a fraction of its data drawn from (run seed, silo)."""
         if self._eval_split is not None and self._eval_split[0] == evaluation_json:
@@ -280,7 +280,11 @@ class SiloDaemon:
             self._stop.set()
             if beat.is_alive():
                 beat.join()
-            self._channel.close()
+            self.close()
+
+    def close(self) -> None:
+        """Close the channel to the coordinator (``run`` does when it returns)."""
+        self._channel.close()
 
     def _serve_next(self) -> bool:
         """Ask for the next task and do it; False once the run is over."""
@@ -407,7 +411,7 @@ class SiloDaemon:
 
     def _measure(self, model: torch.nn.Module, task: cpb.Task) -> pb.Evaluation:
         """``model`` (as received) on this silo's held-out data."""
-        _, _, x, y = self._split_for(task.evaluation_json)
+        _, _, x, y = self.split_for(task.evaluation_json)
         with torch.no_grad():
             accuracy, loss = evaluate(model, as_tensor(x), y)
         log.info(
@@ -420,7 +424,7 @@ class SiloDaemon:
         )
         return pb.Evaluation(loss=loss, accuracy=accuracy, num_samples=len(y))
 
-    def _train(self, checked: CheckedTask, model: torch.nn.Module, started: float) -> _Trained:
+    def train(self, checked: CheckedTask, model: torch.nn.Module, started: float) -> Trained:
         """Train ``model`` in place with the task's trainer (the one ``check_task`` built)
         on this silo's training data; its held-out part measures the model first.
         ``started``: when the local work began (the model's building included)."""
@@ -428,7 +432,7 @@ class SiloDaemon:
         assert trainer is not None  # a TRAIN task's
         x, y, evaluation = self._x, self._y, None
         if task.evaluation_json:
-            x, y, _, _ = self._split_for(task.evaluation_json)
+            x, y, _, _ = self.split_for(task.evaluation_json)
             evaluation = self._measure(model, task)
         torch.manual_seed(task.seed)
         try:
@@ -446,7 +450,7 @@ class SiloDaemon:
                 f"trainer {checked.trainer_name!r} must return a dict of metric name -> "
                 f"number, got {peer_text(str(metrics), 200)}"
             )
-        return _Trained(model, metrics, len(y), time.monotonic() - started, evaluation)
+        return Trained(model, metrics, len(y), time.monotonic() - started, evaluation)
 
     def evaluate_final(self, task: cpb.Task) -> None:
         """EVALUATE: check the task, download the final model, measure it, report."""
@@ -482,7 +486,7 @@ class SiloDaemon:
             return
         self.state = "training"
         started = time.monotonic()
-        trained = self._train(checked, self._model(checked.model_spec, received), started)
+        trained = self.train(checked, self._model(checked.model_spec, received), started)
         log.info(
             "round=%d silo=%s trained %s on %d samples in %.2f s: %s",
             task.round,
@@ -500,7 +504,7 @@ class SiloDaemon:
 
     # ------------------------------------------------------------------ publish
 
-    def _publish(self, checked: CheckedTask, received: DecodedModel, trained: _Trained) -> None:
+    def _publish(self, checked: CheckedTask, received: DecodedModel, trained: Trained) -> None:
         """Upload the trained model under the task's codec (lssfl.common.pipeline)."""
         task, r = checked.task, checked.task.round
         started = time.monotonic()

@@ -231,8 +231,8 @@ def test_a_silo_holds_out_the_same_samples_every_time_and_checks_what_it_is_told
 
     def held_out(silo_id, text='{"holdout": 0.25, "seed": 7}'):
         daemon = SiloDaemon("127.0.0.1:1", silo_id, data, torch.device("cpu"))
-        train_x, train_y, test_x, test_y = daemon._split_for(text)
-        daemon._channel.close()
+        train_x, train_y, test_x, test_y = daemon.split_for(text)
+        daemon.close()
         train, test = set(train_x.flatten().tolist()), set(test_x.flatten().tolist())
         assert len(test) == 10 and len(train) == 30 and not train & test
         assert train_y.tolist() == [int(v) % 10 for v in train_x.flatten().tolist()]
@@ -321,4 +321,4 @@ def test_an_evaluate_task_imports_no_model_path_the_silo_did_not_allow(tmp_path)
         with pytest.raises(PluginNotAllowed, match="asks for model 'never_imported_module:"):
             daemon.evaluate_final(task)
     finally:
-        daemon._channel.close()
+        daemon.close()

@@ -242,16 +242,16 @@ def test_upload_over_max_upload_mb_is_refused_by_the_service(tmp_path):
 
 
 def test_each_round_is_encoded_once_and_every_silo_gets_the_same_bytes(tmp_path, monkeypatch):
-    import lssfl.server.downlink as downlink_module
+    import lssfl.common.pipeline as pipeline_module
 
     encodes = []
-    real_pack_state = downlink_module.pack_state
+    real_pack_state = pipeline_module.pack_state
 
     def counting_pack_state(*args, **kwargs):
         encodes.append(args[1].name if len(args) > 1 else "fp32")
         return real_pack_state(*args, **kwargs)
 
-    monkeypatch.setattr(downlink_module, "pack_state", counting_pack_state)
+    monkeypatch.setattr(pipeline_module, "pack_state", counting_pack_state)
     silos = ("s1", "s2", "s3")
     state = {"w": torch.randn(64, 32), "n": torch.tensor(3)}
     compression = {"downlink": "int8", "delta_downlink": True}

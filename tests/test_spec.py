@@ -88,11 +88,11 @@ def test_a_silo_builds_one_trainer_per_task_and_trains_with_it(constructions):
             )
             checked = check_task(task, daemon.limits)
             model = build_model(MODEL)
-            trained = daemon._train(checked, model, time.monotonic())
+            trained = daemon.train(checked, model, time.monotonic())
             assert "train_loss" in trained.metrics
             assert constructions[0] == r  # one per task: check_task's, which trained
     finally:
-        daemon._channel.close()
+        daemon.close()
 
 
 def test_silo_limits_apply_to_the_built_trainer():
